@@ -1,0 +1,1 @@
+"""Local stand-ins for the token issuer and the Customer Insights API."""
