@@ -1,0 +1,233 @@
+"""Wiring: build the proxy and admin applications, run them, shut them down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway import admin, middlewares
+from gateway.config import Settings
+from gateway.keys import SubscriptionKeys
+from gateway.logging import get_logger
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
+from gateway.state import KEYS, METRICS, READINESS, SETTINGS, TOKENS, Readiness
+from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
+
+log = get_logger("app")
+
+# Request-line and header limits, explicit so they are documented and tested (README,
+# SECURITY.md). aiohttp answers 400 past them before any handler runs.
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 100
+KEEPALIVE_TIMEOUT = 75.0
+
+
+@dataclass(slots=True)
+class Gateway:
+    """The two applications and the services they share."""
+
+    settings: Settings
+    metrics: Metrics
+    tokens: TokenManager
+    keys: SubscriptionKeys
+    readiness: Readiness
+    proxy_app: web.Application
+    admin_app: web.Application
+    proxy_port: int = 0  # the bound ports, known once serve() has started the listeners
+    admin_port: int = 0
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    acquirer: Acquirer | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Gateway:
+    """Build the proxy and admin applications; resources start in cleanup contexts."""
+    metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    tokens = TokenManager(
+        acquirer or MsalAcquirer(settings),
+        metrics,
+        wait_timeout=settings.token_timeout,
+        clock=clock or time.time,
+    )
+    keys = SubscriptionKeys(settings, metrics)
+    readiness = Readiness(tokens)
+    metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
+    hold = UpstreamHold()
+    metrics.upstream_hold.set_function(hold.remaining)
+    limiter = LocalLimiter(
+        rps=settings.rate_limit_rps,
+        burst=settings.rate_limit_burst,
+        caller_rps=settings.rate_limit_caller_rps,
+        caller_burst=settings.rate_limit_caller_burst,
+    )
+    caller_header = settings.rate_limit_caller_header
+    proxy = Proxy(
+        settings=settings,
+        metrics=metrics,
+        tokens=tokens,
+        keys=keys,
+        hold=hold,
+        budget=RetryBudget(),
+        slots=asyncio.Semaphore(settings.max_connections),
+        # The caller-identity header is for the gateway only, never for the upstream.
+        drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
+    )
+
+    proxy_app = web.Application(
+        middlewares=[
+            # 1. Request context first: every later layer and log line sees the request ID.
+            middlewares.request_context,
+            # 2. Access log and metrics wrap everything below, so refusals are counted too.
+            middlewares.access_log_and_metrics(metrics),
+            # 3. Error mapping turns GatewayError raised anywhere below into JSON.
+            middlewares.error_mapping,
+            # 4. Rate limiting last: a 429 is decided before any body read or upstream I/O.
+            middlewares.rate_limit(limiter, hold, metrics, caller_header),
+        ],
+    )
+    proxy_app[SETTINGS] = settings
+    proxy_app[METRICS] = metrics
+    proxy_app[TOKENS] = tokens
+    proxy_app[KEYS] = keys
+    proxy_app[READINESS] = readiness
+    proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    trust = settings.upstream_trust
+    # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
+    upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)
+    proxy_app.cleanup_ctx.append(_client_session(settings, proxy, upstream_tls))
+    proxy_app.cleanup_ctx.append(_background("token renewal", tokens.run, tokens.close))
+    proxy_app.cleanup_ctx.append(_background("key file watch", keys.watch))
+
+    admin_app = web.Application()
+    admin_app[METRICS] = metrics
+    admin_app[READINESS] = readiness
+    admin_app.add_routes(admin.routes())
+    return Gateway(settings, metrics, tokens, keys, readiness, proxy_app, admin_app)
+
+
+def _client_session(
+    settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(_app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=settings.max_connections,
+            ssl=upstream_tls,
+            keepalive_timeout=30,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            # Bytes go through as the upstream sent them; no cookies shared between callers;
+            # no proxy or netrc from the environment; no headers the caller did not send.
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=settings.upstream_timeout,
+                sock_read=settings.upstream_timeout,
+            ),
+            max_field_size=MAX_FIELD_SIZE,
+            max_line_size=MAX_LINE_SIZE,
+        )
+        proxy.session = session
+        yield
+        await session.close()
+
+    return context
+
+
+def _background(
+    name: str,
+    run: Callable[[], Coroutine[Any, Any, None]],
+    close: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(_app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if close is not None:
+            await close()
+        log.debug("background_task_stopped", task=name)
+
+    return context
+
+
+async def serve(
+    gateway: Gateway, stop: asyncio.Event, started: asyncio.Event | None = None
+) -> None:
+    """Run both listeners until `stop` is set, then shut down gracefully."""
+    settings = gateway.settings
+    proxy_runner = web.AppRunner(
+        gateway.proxy_app,
+        handle_signals=False,
+        access_log=None,  # the access middleware writes the one line per request
+        shutdown_timeout=settings.shutdown_grace,
+        handler_cancellation=True,  # a caller that hangs up cancels its upstream exchange
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
+    admin_runner = web.AppRunner(gateway.admin_app, handle_signals=False, access_log=None)
+    await admin_runner.setup()
+    await proxy_runner.setup()
+    try:
+        proxy_site = web.TCPSite(
+            proxy_runner,
+            settings.listen.host,
+            settings.listen.port,
+            reuse_port=settings.workers > 1,
+        )
+        admin_site = web.TCPSite(
+            admin_runner,
+            settings.admin_listen.host,
+            settings.admin_listen.port,
+            reuse_port=settings.workers > 1,
+        )
+        await proxy_site.start()
+        await admin_site.start()
+        gateway.proxy_port = proxy_runner.addresses[0][1]
+        gateway.admin_port = admin_runner.addresses[0][1]
+        log.info(
+            "listening",
+            proxy=_bound(proxy_runner),
+            admin=_bound(admin_runner),
+            upstream=str(settings.upstream_url),
+        )
+        if started is not None:
+            started.set()
+        await stop.wait()
+    finally:
+        # Shutdown, step by step (uvicorn's order):
+        # 1. mark not ready, so the platform stops sending new traffic;
+        gateway.readiness.draining = True
+        log.info("shutdown_started", grace_s=settings.shutdown_grace)
+        # 2. close the listener (new connections are refused), let in-flight requests
+        #    finish within the grace period, then cancel what is left; cleanup contexts
+        #    (client session, background tasks) run after that;
+        await proxy_runner.cleanup()
+        # 3. the admin listener goes last, so probes see "draining" until the end.
+        await admin_runner.cleanup()
+        log.info("shutdown_complete")
+
+
+def _bound(runner: web.AppRunner) -> str:
+    return ", ".join(f"{address[0]}:{address[1]}" for address in runner.addresses)

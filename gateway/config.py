@@ -1,0 +1,524 @@
+"""Settings: defaults < YAML file < environment, validated once into frozen dataclasses.
+
+`load()` is the only place that reads the environment. Every problem is collected and
+reported together in one `ConfigError`, each message naming the variable to fix and
+never echoing a secret value.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import yaml
+from yarl import URL
+
+from gateway.credentials import CertificateError, Secret, load_certificate
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "Credential",
+    "CredentialKind",
+    "KeySource",
+    "Listen",
+    "Secret",
+    "Settings",
+    "load",
+]
+
+DEFAULT_UPSTREAM = "https://api.ci.ai.dynamics.com/v1"
+# The scope Microsoft's server-to-server Customer Insights sample requests.
+DEFAULT_SCOPE = "https://api.ci.ai.microsoft.com/.default"
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A `host:port` to bind."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class CredentialKind(enum.StrEnum):
+    """How the gateway proves its identity to Entra ID."""
+
+    CLIENT_SECRET = "client_secret"  # noqa: S105 - a kind name, not a secret
+    CERTIFICATE = "certificate"
+    WORKLOAD_IDENTITY = "workload_identity"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Exactly one credential kind with the settings that belong to it."""
+
+    kind: CredentialKind
+    secret: Secret | None = None
+    secret_file: Path | None = None
+    certificate_path: Path | None = None
+    certificate_password: Secret | None = None
+    federated_token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """An APIM subscription key given inline or as a file that is re-read when it changes."""
+
+    value: Secret | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The gateway's whole configuration, validated."""
+
+    tenant_id: str
+    client_id: str
+    credential: Credential
+    listen: Listen = Listen("127.0.0.1", 8080)
+    admin_listen: Listen = Listen("0.0.0.0", 9090)
+    upstream_url: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM))
+    scope: str = DEFAULT_SCOPE
+    authority_host: str = DEFAULT_AUTHORITY
+    instance_discovery: bool = True
+    authority_ca_file: Path | None = None
+    upstream_ca_file: Path | None = None
+    primary_key: KeySource | None = None
+    secondary_key: KeySource | None = None
+    upstream_timeout: float = 60.0
+    token_timeout: float = 10.0
+    shutdown_grace: float = 20.0
+    key_reload_interval: float = 2.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0
+    rate_limit_caller_header: str | None = None
+    rate_limit_caller_rps: float = 0.0
+    rate_limit_caller_burst: int = 0
+    retry_attempts: int = 2
+    max_body_bytes: int = 100 * MIB
+    max_connections: int = 100
+    connection_wait: float = 5.0
+    client_timeout: float = 30.0
+    workers: int = 1
+    # REQUESTS_CA_BUNDLE or SSL_CERT_FILE: the trust store both clients use unless a
+    # CIGW_*_CA_FILE names a more specific one.
+    ca_bundle: Path | None = None
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def authority_trust(self) -> Path | None:
+        """The CA bundle for the token endpoint."""
+        return self.authority_ca_file or self.ca_bundle
+
+    @property
+    def upstream_trust(self) -> Path | None:
+        """The CA bundle for the upstream."""
+        return self.upstream_ca_file or self.ca_bundle
+
+    @property
+    def authority(self) -> str:
+        """The MSAL authority URL for the tenant."""
+        return f"{self.authority_host.rstrip('/')}/{self.tenant_id}"
+
+    def describe(self) -> dict[str, str]:
+        """The effective configuration by variable name, every secret redacted."""
+        shown = {opt.env: opt.describe(getattr(self, opt.attr)) for opt in _OPTIONS if opt.attr}
+        cred = self.credential
+        shown["credential kind"] = cred.kind.value
+        for env, value in (
+            ("AZURE_CLIENT_SECRET", cred.secret),
+            ("CIGW_CLIENT_SECRET_FILE", cred.secret_file),
+            ("AZURE_CLIENT_CERTIFICATE_PATH", cred.certificate_path),
+            ("AZURE_CLIENT_CERTIFICATE_PASSWORD", cred.certificate_password),
+            ("AZURE_FEDERATED_TOKEN_FILE", cred.federated_token_file),
+        ):
+            shown[env] = _BY_ENV[env].describe(value)
+        for env, key in (
+            ("CIGW_SUBSCRIPTION_KEY", self.primary_key),
+            ("CIGW_SUBSCRIPTION_KEY_SECONDARY", self.secondary_key),
+        ):
+            shown[env] = _BY_ENV[env].describe(key.value if key else None)
+            shown[f"{env}_FILE"] = _BY_ENV[f"{env}_FILE"].describe(key.file if key else None)
+        shown["source"] = self.source
+        return shown
+
+
+# --------------------------------------------------------------------------- parsing
+
+T = TypeVar("T")
+Parser = Callable[[str], T]
+
+
+class _InvalidError(ValueError):
+    """A single value is wrong; the message says what is expected."""
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _secret(raw: str) -> Secret:
+    return Secret(raw.strip())
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise _InvalidError("must be true or false")
+
+
+def _number(low: float, *, strict_low: bool = False, high: float = math.inf) -> Parser[float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _InvalidError("must be a number") from None
+        if not math.isfinite(value) or value < low or (strict_low and value == low):
+            bound = f"greater than {low:g}" if strict_low else f"at least {low:g}"
+            raise _InvalidError(f"must be {bound}")
+        if value > high:
+            raise _InvalidError(f"must be at most {high:g}")
+        return value
+
+    return parse
+
+
+def _integer(low: int, high: int = 2**62) -> Parser[int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _InvalidError("must be a whole number") from None
+        if not low <= value <= high:
+            raise _InvalidError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _listen(raw: str) -> Listen:
+    host, sep, port_text = raw.strip().rpartition(":")
+    if not sep or not host:
+        raise _InvalidError("must be host:port, for example 127.0.0.1:8080")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise _InvalidError("must end in a port number from 0 to 65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _InvalidError("host must be an IP address or localhost") from None
+    return Listen(host, int(port_text))
+
+
+def _http_url(raw: str) -> URL:
+    url = URL(raw.strip())
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise _InvalidError(
+            "must be an absolute http(s) URL, for example https://api.example.com/v1"
+        )
+    if url.raw_query_string or url.raw_fragment or url.user or url.password:
+        raise _InvalidError("must not contain credentials, a query or a fragment")
+    return url
+
+
+def _readable_file(raw: str) -> Path:
+    path = Path(raw.strip())
+    if not path.is_file():
+        raise _InvalidError(f"file {str(path)!r} does not exist or is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise _InvalidError(f"file {str(path)!r} cannot be read ({exc.strerror})") from None
+    return path
+
+
+def _nonempty_file(raw: str) -> Path:
+    path = _readable_file(raw)
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise _InvalidError(f"file {str(path)!r} is empty")
+    return path
+
+
+def _choice(*choices: str) -> Parser[str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _InvalidError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _header_name(raw: str) -> str:
+    value = raw.strip()
+    if not value or not all(c.isalnum() or c in "-_" for c in value):
+        raise _InvalidError("must be an HTTP header name such as X-Caller")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Option(Generic[T]):
+    env: str
+    parse: Parser[T]
+    attr: str = ""
+    secret: bool = False
+
+    @property
+    def yaml_key(self) -> str:
+        return self.env.lower().removeprefix("cigw_")
+
+    def describe(self, value: object) -> str:
+        if value is None:
+            return "(unset)"
+        if self.secret or isinstance(value, Secret):
+            return "(set, redacted)"
+        return str(value)
+
+
+_OPTIONS: tuple[_Option[Any], ...] = (
+    _Option("CIGW_LISTEN", _listen, "listen"),
+    _Option("CIGW_ADMIN_LISTEN", _listen, "admin_listen"),
+    _Option("CIGW_UPSTREAM_URL", _http_url, "upstream_url"),
+    _Option("CIGW_UPSTREAM_CA_FILE", _readable_file, "upstream_ca_file"),
+    _Option("CIGW_SCOPE", _text, "scope"),
+    _Option("AZURE_TENANT_ID", _text, "tenant_id"),
+    _Option("AZURE_CLIENT_ID", _text, "client_id"),
+    _Option("AZURE_CLIENT_SECRET", _secret, secret=True),
+    _Option("CIGW_CLIENT_SECRET_FILE", _nonempty_file),
+    _Option("AZURE_CLIENT_CERTIFICATE_PATH", _readable_file),
+    _Option("AZURE_CLIENT_CERTIFICATE_PASSWORD", _secret, secret=True),
+    _Option("AZURE_FEDERATED_TOKEN_FILE", _readable_file),
+    _Option("AZURE_AUTHORITY_HOST", _http_url, "authority_host"),
+    _Option("CIGW_AUTHORITY_CA_FILE", _readable_file, "authority_ca_file"),
+    _Option("CIGW_INSTANCE_DISCOVERY", _bool, "instance_discovery"),
+    _Option("CIGW_SUBSCRIPTION_KEY", _secret, secret=True),
+    _Option("CIGW_SUBSCRIPTION_KEY_FILE", _nonempty_file),
+    _Option("CIGW_SUBSCRIPTION_KEY_SECONDARY", _secret, secret=True),
+    _Option("CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE", _nonempty_file),
+    _Option("CIGW_KEY_RELOAD_INTERVAL", _number(0.1, high=300), "key_reload_interval"),
+    _Option("CIGW_UPSTREAM_TIMEOUT", _number(0, strict_low=True), "upstream_timeout"),
+    _Option("CIGW_TOKEN_TIMEOUT", _number(0, strict_low=True), "token_timeout"),
+    _Option("CIGW_SHUTDOWN_GRACE", _number(0), "shutdown_grace"),
+    _Option("CIGW_CLIENT_TIMEOUT", _number(0, strict_low=True), "client_timeout"),
+    _Option("CIGW_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log_level"),
+    _Option("CIGW_LOG_FORMAT", _choice("json", "console", "auto"), "log_format"),
+    _Option("CIGW_RATE_LIMIT_RPS", _number(0), "rate_limit_rps"),
+    _Option("CIGW_RATE_LIMIT_BURST", _integer(1), "rate_limit_burst"),
+    _Option("CIGW_RATE_LIMIT_CALLER_HEADER", _header_name, "rate_limit_caller_header"),
+    _Option("CIGW_RATE_LIMIT_CALLER_RPS", _number(0), "rate_limit_caller_rps"),
+    _Option("CIGW_RATE_LIMIT_CALLER_BURST", _integer(1), "rate_limit_caller_burst"),
+    _Option("CIGW_RETRY_ATTEMPTS", _integer(0, 10), "retry_attempts"),
+    _Option("CIGW_MAX_BODY_BYTES", _integer(0), "max_body_bytes"),
+    _Option("CIGW_MAX_CONNECTIONS", _integer(1, 100_000), "max_connections"),
+    _Option("CIGW_CONNECTION_WAIT", _number(0), "connection_wait"),
+    _Option("CIGW_WORKERS", _integer(1, 64), "workers"),
+)
+_BY_ENV = {opt.env: opt for opt in _OPTIONS}
+_BY_YAML = {opt.yaml_key: opt for opt in _OPTIONS}
+
+
+def yaml_keys() -> dict[str, str]:
+    """YAML key → environment variable, for documentation and tests."""
+    return {opt.yaml_key: opt.env for opt in _OPTIONS}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
+    """Build Settings from defaults, an optional YAML file and the environment."""
+    problems: list[str] = []
+    raw, source = _merge_sources(environ, config_file, problems)
+    values: dict[str, Any] = {}
+    for env, text in raw.items():
+        option = _BY_ENV[env]
+        try:
+            values[env] = option.parse(text)
+        except _InvalidError as exc:
+            shown = "" if option.secret else f" (got {text!r})"
+            problems.append(f"{env} {exc}{shown}")
+
+    credential = _credential(values, raw, problems)
+    for env in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID"):
+        if not values.get(env) and env not in raw:
+            problems.append(f"{env} is required")
+        elif env in raw and not values.get(env):
+            problems.append(f"{env} must not be empty")
+    primary = _key_source(values, "CIGW_SUBSCRIPTION_KEY", problems)
+    secondary = _key_source(values, "CIGW_SUBSCRIPTION_KEY_SECONDARY", problems)
+    if secondary and not primary:
+        problems.append(
+            "CIGW_SUBSCRIPTION_KEY_SECONDARY is set without a primary key: "
+            "set CIGW_SUBSCRIPTION_KEY or CIGW_SUBSCRIPTION_KEY_FILE too"
+        )
+    _check_rate_limits(values, problems)
+    if problems or credential is None:
+        raise ConfigError(problems or ["no credential configured"])
+
+    kwargs = {
+        option.attr: values[option.env]
+        for option in _OPTIONS
+        if option.attr and option.env in values
+    }
+    kwargs.setdefault("rate_limit_burst", _default_burst(values.get("CIGW_RATE_LIMIT_RPS")))
+    kwargs.setdefault(
+        "rate_limit_caller_burst", _default_burst(values.get("CIGW_RATE_LIMIT_CALLER_RPS"))
+    )
+    if "authority_host" in kwargs:
+        kwargs["authority_host"] = str(kwargs["authority_host"]).rstrip("/")
+    return Settings(
+        ca_bundle=_ca_bundle(environ),
+        credential=credential,
+        primary_key=primary,
+        secondary_key=secondary,
+        source=source,
+        **kwargs,
+    )
+
+
+def _merge_sources(
+    environ: Mapping[str, str], config_file: Path | None, problems: list[str]
+) -> tuple[dict[str, str], str]:
+    raw: dict[str, str] = {}
+    if config_file is None and environ.get("CIGW_CONFIG"):
+        config_file = Path(environ["CIGW_CONFIG"])
+    source = "defaults"
+    if config_file is not None:
+        raw.update(_read_yaml(config_file, problems))
+        source = f"defaults < {config_file}"
+    # An empty variable counts as unset: Kubernetes renders optional values that way.
+    env_values = {name: environ[name] for name in _BY_ENV if environ.get(name, "") != ""}
+    if env_values:
+        source += " < environment"
+    raw.update(env_values)
+    return raw, source
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict[str, str]:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"--config/CIGW_CONFIG file {str(path)!r} cannot be read ({exc.strerror})")
+        return {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problems.append(f"--config/CIGW_CONFIG file {str(path)!r} is not valid YAML{where}")
+        return {}
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        problems.append(f"--config/CIGW_CONFIG file {str(path)!r} must be a mapping of settings")
+        return {}
+    raw: dict[str, str] = {}
+    for key, value in document.items():
+        option = _BY_YAML.get(str(key).lower())
+        if option is None:
+            problems.append(
+                f"unknown setting {key!r} in {path} (YAML keys: see gateway.example.yaml)"
+            )
+        elif isinstance(value, dict | list):
+            problems.append(f"{option.env} (YAML key {key!r}) must be a single value")
+        elif value is not None and str(value) != "":
+            raw[option.env] = str(value).lower() if isinstance(value, bool) else str(value)
+    return raw
+
+
+def _credential(
+    values: Mapping[str, Any], raw: Mapping[str, str], problems: list[str]
+) -> Credential | None:
+    given = {
+        CredentialKind.CLIENT_SECRET: [
+            e for e in ("AZURE_CLIENT_SECRET", "CIGW_CLIENT_SECRET_FILE") if e in raw
+        ],
+        CredentialKind.CERTIFICATE: [e for e in ("AZURE_CLIENT_CERTIFICATE_PATH",) if e in raw],
+        CredentialKind.WORKLOAD_IDENTITY: [e for e in ("AZURE_FEDERATED_TOKEN_FILE",) if e in raw],
+    }
+    chosen = [kind for kind, names in given.items() if names]
+    if not chosen:
+        problems.append(
+            "no credential configured: set exactly one of AZURE_CLIENT_SECRET, "
+            "CIGW_CLIENT_SECRET_FILE, AZURE_CLIENT_CERTIFICATE_PATH or AZURE_FEDERATED_TOKEN_FILE"
+        )
+        return None
+    if len(chosen) > 1 or len(given[CredentialKind.CLIENT_SECRET]) > 1:
+        names = [name for kind in chosen for name in given[kind]]
+        problems.append(f"more than one credential configured ({', '.join(names)}): keep one")
+        return None
+    if "AZURE_CLIENT_CERTIFICATE_PASSWORD" in raw and chosen[0] != CredentialKind.CERTIFICATE:
+        problems.append(
+            "AZURE_CLIENT_CERTIFICATE_PASSWORD is set without AZURE_CLIENT_CERTIFICATE_PATH"
+        )
+    kind = chosen[0]
+    if kind is CredentialKind.CERTIFICATE:
+        path = values.get("AZURE_CLIENT_CERTIFICATE_PATH")
+        password = values.get("AZURE_CLIENT_CERTIFICATE_PASSWORD")
+        if path is not None:
+            try:
+                load_certificate(path, password)
+            except CertificateError as exc:
+                problems.append(f"AZURE_CLIENT_CERTIFICATE_PATH: {exc}")
+        return Credential(kind, certificate_path=path, certificate_password=password)
+    if kind is CredentialKind.WORKLOAD_IDENTITY:
+        return Credential(kind, federated_token_file=values.get("AZURE_FEDERATED_TOKEN_FILE"))
+    return Credential(
+        kind,
+        secret=values.get("AZURE_CLIENT_SECRET"),
+        secret_file=values.get("CIGW_CLIENT_SECRET_FILE"),
+    )
+
+
+def _key_source(values: Mapping[str, Any], env: str, problems: list[str]) -> KeySource | None:
+    inline, file = values.get(env), values.get(f"{env}_FILE")
+    if inline is not None and file is not None:
+        problems.append(f"both {env} and {env}_FILE are set: keep one")
+        return None
+    if inline is not None and not inline.reveal():
+        problems.append(f"{env} must not be blank")
+        return None
+    if inline is None and file is None:
+        return None
+    return KeySource(value=inline, file=file)
+
+
+def _check_rate_limits(values: Mapping[str, Any], problems: list[str]) -> None:
+    if "CIGW_RATE_LIMIT_BURST" in values and not values.get("CIGW_RATE_LIMIT_RPS"):
+        problems.append("CIGW_RATE_LIMIT_BURST is set but CIGW_RATE_LIMIT_RPS is 0 (limit off)")
+    header = values.get("CIGW_RATE_LIMIT_CALLER_HEADER")
+    caller_rps = values.get("CIGW_RATE_LIMIT_CALLER_RPS")
+    if caller_rps and not header:
+        problems.append(
+            "CIGW_RATE_LIMIT_CALLER_RPS is set without CIGW_RATE_LIMIT_CALLER_HEADER "
+            "(the header that names the calling service)"
+        )
+    if header and not caller_rps:
+        problems.append("CIGW_RATE_LIMIT_CALLER_HEADER is set without CIGW_RATE_LIMIT_CALLER_RPS")
+
+
+def _ca_bundle(environ: Mapping[str, str]) -> Path | None:
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        if environ.get(name) and Path(environ[name]).is_file():
+            return Path(environ[name])
+    return None
+
+
+def _default_burst(rps: float | None) -> int:
+    return max(1, math.ceil(rps)) if rps else 0

@@ -1,0 +1,86 @@
+"""One exception tree for everything the gateway reports to a caller or an operator.
+
+Lower layers raise these; only the error-mapping middleware turns them into responses.
+Each leaf carries its HTTP status and stable error code, and inherits the matching
+stdlib exception where one exists, so generic handlers still recognise it.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with a JSON error body."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(GatewayError, ValueError):
+    """The caller's request cannot be forwarded as it is."""
+
+    status = 400
+    code = "bad_request"
+
+
+class MethodNotAllowed(GatewayError):
+    """A method the gateway never forwards (CONNECT)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    """The request body exceeds CIGW_MAX_BODY_BYTES."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    """Local rate limit or upstream hold: the request was not sent upstream."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class TokenUnavailable(GatewayError):
+    """No valid access token: the token endpoint failed and no cached token is left."""
+
+    status = 503
+    code = "token_unavailable"
+
+
+class Overloaded(GatewayError):
+    """Every upstream connection slot stayed busy for longer than the wait limit."""
+
+    status = 503
+    code = "overloaded"
+
+
+class UpstreamUnreachable(GatewayError, ConnectionError):
+    """The upstream could not be reached or broke the exchange before answering."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(GatewayError, TimeoutError):
+    """The upstream did not answer within CIGW_UPSTREAM_TIMEOUT."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: carries every problem found, each naming its setting."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
+        )

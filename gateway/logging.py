@@ -1,0 +1,99 @@
+"""structlog set-up: JSON lines when not on a terminal, and a last-line-of-defence redactor.
+
+Secrets are never passed to a logger on purpose; the redactor exists so that a future
+mistake (an exception message quoting a header, say) still cannot print one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import deque
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    """Replaces every registered secret value in log events with a marker."""
+
+    def __init__(self, max_values: int = 64) -> None:
+        # Bounded: issued tokens are registered as they arrive, old ones age out.
+        self._values: deque[str] = deque(maxlen=max_values)
+
+    def register(self, value: str) -> None:
+        """Never print `value`; short values are ignored (they would redact ordinary words)."""
+        if len(value) >= 8 and value not in self._values:
+            self._values.append(value)
+
+    def scrub(self, text: str) -> str:
+        """`text` with every registered secret replaced."""
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+        if not self._values:
+            return event
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = self.scrub(value)
+            elif value is not None and not isinstance(value, int | float | bool):
+                event[key] = self.scrub(str(value))
+        return event
+
+
+redactor = Redactor()
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog once per process; `fmt` auto means JSON unless on a terminal."""
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        # Filtering at the bound logger skips building events for disabled levels entirely.
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    # aiohttp and msal log through the standard library; route warnings to the same stream.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_StdlibFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+
+
+class _StdlibFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redactor.scrub(super().format(record))
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """A logger bound to a component name."""
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
+    return logger

@@ -1,0 +1,543 @@
+"""The forwarding handler: URL and header policy, body streaming, retry and fallback decisions.
+
+One request's way through: build the target under the base path → filter headers →
+await the token → pick the key → send upstream → on 401/429/5xx decide (fallback key,
+fresh token, retry, hold) → stream the answer back. Lower layers raise `GatewayError`s;
+the error middleware renders them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.config import Settings
+from gateway.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.logging import get_logger
+from gateway.metrics import Metrics
+from gateway.ratelimit import RetryBudget, UpstreamHold
+from gateway.state import CONTEXT, KeySource, RequestContext, TokenSource
+
+log = get_logger("proxy")
+
+KEY_HEADER = "Ocp-Apim-Subscription-Key"
+KEY_QUERY = "subscription-key"
+REPLAY_LIMIT = 1024 * 1024  # bodies up to this size are kept so a request can be sent again
+SMALL_RESPONSE = 256 * 1024  # answers up to this size are relayed in one write
+_AUTH_BODY_LIMIT = 64 * 1024  # how much of a 401 body is read to tell key from token
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never taken from the caller: credentials are the gateway's, the destination is the
+# gateway's, framing is recomputed, and forwarding hints could steer APIM policies.
+_CALLER_ONLY = frozenset(
+    {
+        "host",
+        "authorization",
+        KEY_HEADER.lower(),
+        "content-length",
+        "expect",
+        "x-request-id",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+    }
+)
+
+
+# --------------------------------------------------------------------------- URL policy
+
+
+def build_target(base: URL, raw_target: str) -> URL:
+    """The upstream URL for a request target: base path + path, query minus the key param.
+
+    The path is forwarded byte-exact; a target that is not origin-form, or whose
+    dot-segments (raw or percent-encoded, with / or \\ as separators) would climb above
+    the base path, is refused.
+    """
+    if not raw_target.startswith("/"):
+        raise BadRequest("only origin-form request targets (starting with /) are accepted")
+    path, _, query = raw_target.partition("?")
+    if "#" in raw_target:
+        raise BadRequest("a request target must not contain a fragment")
+    if climbs_above_root(path):
+        raise BadRequest("the path climbs above the API's base path")
+    return URL.build(
+        scheme=base.scheme,
+        authority=base.raw_authority,
+        path=base.raw_path.rstrip("/") + path,
+        query_string=strip_key_param(query),
+        encoded=True,
+    )
+
+
+def climbs_above_root(path: str) -> bool:
+    """True when resolving dot-segments, as any upstream might decode them, leaves the root."""
+    decoded = path
+    for _ in range(3):  # double-encoded dots (%252e) count too: some servers decode twice
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    depth = 0
+    for segment in decoded.replace("\\", "/").split("/"):
+        name = segment.split(";", 1)[0]  # "..;" is a dot-segment to servlet containers
+        if name == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif name not in ("", "."):
+            depth += 1
+    return False
+
+
+def strip_key_param(query: str) -> str:
+    """The raw query without any subscription-key parameter, otherwise byte-exact."""
+    if not query or KEY_QUERY not in unquote(query).lower():
+        return query
+    kept = [
+        part
+        for part in query.split("&")
+        if unquote(part.split("=", 1)[0].replace("+", " ")).strip().lower() != KEY_QUERY
+    ]
+    return "&".join(kept)
+
+
+# --------------------------------------------------------------------------- header policy
+
+
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in Connection: hop-by-hop by declaration."""
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(","))
+    return named
+
+
+def request_headers(
+    headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Caller headers that may go upstream (credentials are added later, by the gateway)."""
+    named = connection_named(headers) if "Connection" in headers else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in _CALLER_ONLY
+            or lower in named
+            or lower in drop
+            or lower.startswith("proxy-")
+        ):
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop ones."""
+    named = connection_named(headers) if "Connection" in headers else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+class Body:
+    """The request body: kept in memory when small enough to replay, else streamed once."""
+
+    def __init__(
+        self,
+        data: bytes | None,
+        *,
+        request: web.Request | None = None,
+        prefix: bytes = b"",
+        limit: int = 0,
+        read_timeout: float = 30.0,
+        length: int | None = None,
+    ) -> None:
+        self.data = data
+        self.length = len(data) if data is not None else length
+        self.overflowed = False
+        self._request, self._prefix, self._limit = request, prefix, limit
+        self._read_timeout = read_timeout
+        self._consumed = False
+
+    @property
+    def replayable(self) -> bool:
+        """True when the body can be sent again (kept in memory, or none at all)."""
+        return self._request is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        """What to hand the HTTP client for one attempt."""
+        if self._request is None:
+            return self.data
+        if self._consumed:
+            raise RuntimeError("a streamed body can be sent only once")
+        self._consumed = True
+        return self._stream(self._request)
+
+    async def _stream(self, request: web.Request) -> AsyncIterator[bytes]:
+        sent = len(self._prefix)
+        if self._prefix:
+            yield self._prefix
+        while True:
+            async with asyncio.timeout(self._read_timeout):
+                chunk = await request.content.readany()
+            if not chunk:
+                return
+            sent += len(chunk)
+            if sent > self._limit:
+                # Cut off at the cap: raising here aborts the upstream exchange.
+                self.overflowed = True
+                raise PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
+            yield chunk
+
+
+async def read_body(request: web.Request, limit: int, read_timeout: float) -> Body:
+    """Small bodies are read whole (replayable); large or unbounded ones are streamed."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the request body ({length} bytes) exceeds {limit} bytes")
+    if not request.body_exists:
+        return Body(None)
+    keep = min(REPLAY_LIMIT, limit)
+    buffered = bytearray()
+    try:
+        while len(buffered) <= keep:
+            async with asyncio.timeout(read_timeout):
+                chunk = await request.content.readany()
+            if not chunk:
+                return Body(bytes(buffered))
+            buffered += chunk
+    except TimeoutError:
+        raise BadRequest("the request body was not received in time") from None
+    if len(buffered) > limit:
+        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+    return Body(
+        None,
+        request=request,
+        prefix=bytes(buffered),
+        limit=limit,
+        read_timeout=read_timeout,
+        length=length,
+    )
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+@dataclass(slots=True)
+class Proxy:
+    """Everything the forwarding handler needs, wired by app.create_app."""
+
+    settings: Settings
+    metrics: Metrics
+    tokens: TokenSource
+    keys: KeySource
+    hold: UpstreamHold
+    budget: RetryBudget
+    session: aiohttp.ClientSession | None = None
+    slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rng: Callable[[], float] = random.random
+    drop_headers: frozenset[str] = frozenset()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Forward one request and relay the answer."""
+        if request.method == "CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported: the gateway is not a tunnel")
+        ctx = request[CONTEXT]
+        settings = self.settings
+        target = build_target(settings.upstream_url, request.raw_path)
+        headers = request_headers(request.headers, self.drop_headers)
+        headers["X-Request-ID"] = ctx.request_id
+        body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
+        if body.length is not None and not body.replayable:
+            headers["Content-Length"] = str(body.length)
+        self.budget.record_request()
+        return await self._exchange(request, ctx, target, headers, body)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        target: URL,
+        headers: CIMultiDict[str],
+        body: Body,
+    ) -> web.StreamResponse:
+        attempt = _Attempt(
+            token=await self.tokens.token(),
+            key=self.keys.current(),
+            replayable=body.replayable,
+            idempotent=request.method in IDEMPOTENT,
+        )
+        while True:
+            refusal = self.hold.check()
+            if refusal is not None:
+                self.metrics.rate_limited.labels(scope="upstream").inc()
+                raise RateLimited(
+                    "the upstream asked for a pause; retry later", headers=refusal.headers()
+                )
+            headers["Authorization"] = f"Bearer {attempt.token}"
+            if attempt.key is not None:
+                headers[KEY_HEADER] = attempt.key[1]
+                ctx.key_slot = attempt.key[0]
+            async with self._slot():
+                try:
+                    response = await self._send(request.method, target, headers, body)
+                except (UpstreamUnreachable, UpstreamTimeout):
+                    if await self._may_retry(attempt, "connect_error", None):
+                        continue
+                    raise
+                ctx.upstream_status = response.status
+                again, prefix = await self._decide(response, attempt)
+                if again:
+                    response.release()
+                    continue
+                return await self._relay(request, ctx, response, prefix)
+
+    async def _decide(
+        self, response: aiohttp.ClientResponse, attempt: _Attempt
+    ) -> tuple[bool, bytes]:
+        """Whether to send again (fallback key, fresh token, retry), and any body already read."""
+        status = response.status
+        if status == 401:
+            return await self._on_unauthorized(response, attempt)
+        if status == 429 or (status == 403 and "Retry-After" in response.headers):
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            self.hold.hold(wait if wait is not None else 1.0)
+            log.warning("upstream_throttled", status=status, hold_s=wait)
+            return False, b""
+        if status in RETRYABLE_STATUS:
+            hint = response.headers.get("Retry-After") if status == 503 else None
+            return await self._may_retry(
+                attempt, f"status_{status}", retry_after_seconds(hint)
+            ), b""
+        return False, b""
+
+    async def _on_unauthorized(
+        self, response: aiohttp.ClientResponse, attempt: _Attempt
+    ) -> tuple[bool, bytes]:
+        kind, prefix = await self._classify_401(response)
+        if kind == "key":
+            self.metrics.upstream_auth_rejections.labels(credential="key").inc()
+            if attempt.key is None or attempt.tried_other_key:
+                return False, prefix
+            # Switch even when this request cannot be replayed: the next ones will succeed.
+            other = self.keys.fallback(attempt.key[0])
+            if other is None or not attempt.replayable:
+                return False, prefix
+            attempt.key, attempt.tried_other_key = other, True
+            return True, prefix
+        if kind == "token":
+            self.metrics.upstream_auth_rejections.labels(credential="token").inc()
+            if attempt.refreshed_token or not attempt.replayable:
+                return False, prefix
+            attempt.token = await self.tokens.replace(attempt.token)
+            attempt.refreshed_token = True
+            return True, prefix
+        return False, prefix
+
+    def _slot(self) -> _SlotGuard:
+        return _SlotGuard(self.slots, self.settings.connection_wait)
+
+    async def _send(
+        self, method: str, target: URL, headers: CIMultiDict[str], body: Body
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None  # noqa: S101 - set in the cleanup context before serving
+        started = time.perf_counter()
+        try:
+            response = await self.session.request(
+                method, target, headers=headers, data=body.payload(), allow_redirects=False
+            )
+        except PayloadTooLarge:
+            raise
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            if body.overflowed:
+                raise PayloadTooLarge("the request body exceeds the size limit") from None
+            if isinstance(exc.__cause__, PayloadTooLarge):
+                raise exc.__cause__ from None
+            raise UpstreamUnreachable(_describe_client_error(exc)) from None
+        self.metrics.upstream_duration.observe(time.perf_counter() - started)
+        return response
+
+    async def _may_retry(self, attempt: _Attempt, reason: str, hint: float | None) -> bool:
+        """Wait and return True when a retry is allowed: idempotent, replayable, in budget."""
+        if not (attempt.idempotent and attempt.replayable):
+            return False
+        if attempt.retries >= self.settings.retry_attempts:
+            return False
+        if hint is not None and hint > self.settings.upstream_timeout:
+            return False
+        if not self.budget.try_spend():
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        self.metrics.upstream_retries.labels(reason=reason).inc()
+        # Full jitter (AWS architecture blog): spreads a burst of retries over the window.
+        delay = hint if hint is not None else self.rng() * min(2.0, 0.05 * 2**attempt.retries)
+        attempt.retries += 1
+        await self.sleep(delay)
+        return True
+
+    async def _classify_401(self, response: aiohttp.ClientResponse) -> tuple[str, bytes]:
+        """Tell APIM's subscription-key rejection from a bearer-token rejection."""
+        prefix = b""
+        while len(prefix) <= _AUTH_BODY_LIMIT:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            prefix += chunk
+        text = prefix[:_AUTH_BODY_LIMIT].decode("utf-8", "replace").lower()
+        if "subscription key" in text:
+            return "key", prefix
+        challenge = response.headers.get("WWW-Authenticate", "").lower()
+        if "bearer" in challenge or "access token" in text or "invalid_token" in text:
+            return "token", prefix
+        return "other", prefix
+
+    async def _relay(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        response: aiohttp.ClientResponse,
+        prefix: bytes,
+    ) -> web.StreamResponse:
+        headers = response_headers(response.headers)
+        headers["X-Request-ID"] = ctx.request_id
+        length = response.content_length
+        if request.method == "HEAD" or response.status in (204, 304):
+            response.release()
+            out = web.StreamResponse(status=response.status, reason=response.reason)
+            out.headers.extend(headers)
+            return out
+        if length is not None and length <= SMALL_RESPONSE:
+            data = prefix + await response.read()
+            return web.Response(
+                status=response.status, reason=response.reason, headers=headers, body=data
+            )
+        out = web.StreamResponse(status=response.status, reason=response.reason)
+        out.headers.extend(headers)
+        await out.prepare(request)
+        ctx.response_started = True
+        if prefix:
+            await out.write(prefix)
+        try:
+            async for chunk in response.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is an aborted
+            # connection, never a clean end that would pass a truncated body as complete.
+            log.warning("upstream_aborted_mid_body", reason=_describe_client_error(exc))
+            raise
+        await out.write_eof()
+        return out
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one request has tried so far, so that each recovery happens at most once."""
+
+    token: str
+    key: tuple[str, str] | None
+    replayable: bool
+    idempotent: bool
+    retries: int = 0
+    tried_other_key: bool = False
+    refreshed_token: bool = False
+
+
+class _SlotGuard:
+    """Holds one upstream exchange slot; waits a bounded time for one to free up."""
+
+    __slots__ = ("_semaphore", "_wait")
+
+    def __init__(self, semaphore: asyncio.Semaphore, wait: float) -> None:
+        self._semaphore, self._wait = semaphore, wait
+
+    async def __aenter__(self) -> None:
+        if self._semaphore.locked():
+            try:
+                async with asyncio.timeout(self._wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                raise Overloaded("every upstream connection slot is busy; retry later") from None
+        else:
+            await self._semaphore.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self._semaphore.release()
+
+
+def _describe_client_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "the upstream's TLS certificate is not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to the upstream ({exc.os_error.strerror or 'connection failed'})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"the upstream sent an invalid response ({exc.message})"
+    if isinstance(exc, TimeoutError):
+        return "the upstream stalled"
+    return f"the upstream exchange failed ({type(exc).__name__})"

@@ -1,0 +1,180 @@
+"""Protecting the shared APIM key: token buckets, the upstream hold, and the retry budget.
+
+Every piece takes an injected monotonic clock so tests move time instead of sleeping.
+The buckets sit behind the small `Limiter` protocol: a fleet of sidecars shares one APIM
+key, and a shared (Redis-backed) limiter can later stand beside the in-process one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cachetools import TTLCache
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request may not go upstream now, and the headers that tell the caller."""
+
+    scope: str  # "global", "caller" or "upstream"
+    retry_after: float
+    quota: int = 0
+    window: float = 1.0
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After in whole seconds (rounded up) plus IETF RateLimit headers."""
+        seconds = max(1, math.ceil(self.retry_after))
+        headers = {"Retry-After": str(seconds)}
+        if self.quota:
+            # draft-ietf-httpapi-ratelimit-headers: structured-field policy and state.
+            headers["RateLimit-Policy"] = (
+                f'"{self.scope}";q={self.quota};w={math.ceil(self.window)}'
+            )
+            headers["RateLimit"] = f'"{self.scope}";r=0;t={seconds}'
+        return headers
+
+
+class TokenBucket:
+    """Classic token bucket: `burst` at once, then `rate` per second."""
+
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def take(self) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is available."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
+class Limiter(Protocol):
+    """Decides whether one request may proceed; None means yes."""
+
+    def check(self, caller: str | None) -> Refusal | None:
+        """Spend capacity for one request from `caller` (None: no caller header)."""
+
+
+class LocalLimiter:
+    """In-process buckets: one global, and one per caller in a bounded TTL cache."""
+
+    def __init__(
+        self,
+        *,
+        rps: float,
+        burst: int,
+        caller_rps: float = 0.0,
+        caller_burst: int = 0,
+        max_callers: int = 10_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._global = TokenBucket(rps, burst, clock) if rps > 0 else None
+        self._caller_rps, self._caller_burst, self._clock = caller_rps, caller_burst, clock
+        # An idle bucket is full again after burst/rate seconds, so expiring it then loses
+        # nothing; maxsize bounds memory against a flood of distinct caller names.
+        ttl = max(1.0, caller_burst / caller_rps) if caller_rps > 0 else 1.0
+        self._callers: TTLCache[str, TokenBucket] = TTLCache(max_callers, ttl, timer=clock)
+
+    @property
+    def active(self) -> bool:
+        """False when no limit is configured, so the request path can skip the check."""
+        return self._global is not None or self._caller_rps > 0
+
+    def caller_buckets(self) -> int:
+        """How many per-caller buckets are held now."""
+        self._callers.expire()
+        return len(self._callers)
+
+    def check(self, caller: str | None) -> Refusal | None:
+        """Per-caller bucket first, so one noisy caller does not drain the global bucket."""
+        if self._caller_rps > 0 and caller is not None:
+            bucket = self._callers.get(caller)
+            if bucket is None:
+                bucket = TokenBucket(self._caller_rps, self._caller_burst, self._clock)
+            self._callers[caller] = bucket  # re-inserting refreshes the TTL
+            wait = bucket.take()
+            if wait:
+                return Refusal("caller", wait, self._caller_burst)
+        if self._global is not None:
+            wait = self._global.take()
+            if wait:
+                return Refusal("global", wait, self._global.burst)
+        return None
+
+
+class UpstreamHold:
+    """After APIM says 429 (or 403 with Retry-After), nobody calls it until the time is up."""
+
+    def __init__(self, clock: Clock = time.monotonic, max_hold: float = 300.0) -> None:
+        self._clock = clock
+        self._until = 0.0
+        self._max_hold = max_hold
+
+    def hold(self, seconds: float) -> None:
+        """Extend the hold to `seconds` from now (capped; never shortened)."""
+        self._until = max(self._until, self._clock() + min(seconds, self._max_hold))
+
+    def remaining(self) -> float:
+        """Seconds left in the hold, 0.0 when none."""
+        return max(0.0, self._until - self._clock())
+
+    def check(self) -> Refusal | None:
+        """A refusal while the hold lasts."""
+        left = self.remaining()
+        return Refusal("upstream", left) if left > 0 else None
+
+
+class RetryBudget:
+    """Retries may be at most `ratio` of recent requests (Envoy's default budget: 20%).
+
+    Counts live in one-second buckets over `window` seconds; `min_retries` lets a quiet
+    gateway still retry a lone failure.
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.2,
+        window: int = 10,
+        min_retries: int = 3,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._ratio, self._window, self._min, self._clock = ratio, window, min_retries, clock
+        self._requests = [0] * window
+        self._retries = [0] * window
+        self._second = int(clock())
+
+    def record_request(self) -> None:
+        """Count one original (non-retry) request."""
+        self._requests[self._advance()] += 1
+
+    def try_spend(self) -> bool:
+        """Count one retry if the budget allows it."""
+        slot = self._advance()
+        allowed = max(self._min, self._ratio * sum(self._requests))
+        if sum(self._retries) + 1 > allowed:
+            return False
+        self._retries[slot] += 1
+        return True
+
+    def _advance(self) -> int:
+        second = int(self._clock())
+        if second != self._second:
+            for step in range(1, min(second - self._second, self._window) + 1):
+                stale = (self._second + step) % self._window
+                self._requests[stale] = self._retries[stale] = 0
+            self._second = second
+        return second % self._window

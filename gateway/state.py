@@ -1,0 +1,76 @@
+"""Typed application and request state, and the protocols the proxy reaches services through."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.metrics import Metrics
+
+
+class TokenSource(Protocol):
+    """Hands out the current access token."""
+
+    @property
+    def valid(self) -> bool:
+        """True while a token that has not expired is held."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why no token is available, in words safe to show a caller."""
+
+    async def token(self) -> str:
+        """The current token; waits only for a first acquisition already under way."""
+
+    async def replace(self, rejected: str) -> str:
+        """A token other than `rejected`, acquiring a fresh one if needed."""
+
+
+class KeySource(Protocol):
+    """Hands out APIM subscription keys and learns which ones APIM rejects."""
+
+    def current(self) -> tuple[str, str] | None:
+        """(slot, key) to send first, or None when no key is configured."""
+
+    def fallback(self, rejected_slot: str) -> tuple[str, str] | None:
+        """The other slot after APIM rejected `rejected_slot`, or None when there is none."""
+
+
+@dataclass(slots=True)
+class Readiness:
+    """What /readyz reports: draining is set on SIGTERM, the token source is consulted."""
+
+    tokens: TokenSource
+    draining: bool = False
+
+    def reason(self) -> str | None:
+        """None when ready, else why not."""
+        if self.draining:
+            return "draining: shutting down"
+        if not self.tokens.valid:
+            return f"no valid token: {self.tokens.problem or 'first token not acquired yet'}"
+        return None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts gathered on the way through, for the access log and metrics."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    upstream_status: int | None = None
+    key_slot: str | None = None
+    response_started: bool = False
+    error_code: str | None = None
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+TOKENS = web.AppKey("tokens", TokenSource)
+KEYS = web.AppKey("keys", KeySource)
+READINESS = web.AppKey("readiness", Readiness)
+CONTEXT = web.RequestKey("context", RequestContext)
