@@ -205,8 +205,10 @@ class TokenManager:
         max_backoff: float = 60.0,
         min_replace_interval: float = 5.0,
         rng: Callable[[], float] = random.random,
+        offload: Callable[[Callable[[], AccessToken]], Awaitable[AccessToken]] = asyncio.to_thread,
     ) -> None:
         self._acquire_blocking = acquire
+        self._offload = offload
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep
@@ -296,7 +298,7 @@ class TokenManager:
     async def _acquire(self) -> AccessToken:
         renewing = self._token is not None
         try:
-            token = await asyncio.to_thread(self._acquire_blocking)
+            token = await self._offload(self._acquire_blocking)
         except TokenAcquisitionError as exc:
             self._metrics.token_requests.labels(outcome="failure").inc()
             self._problem = str(exc)
