@@ -197,5 +197,3 @@ async def test_replace_gets_a_fresh_token_once(
         await manager.replace("token-2")
     assert acquirer.calls == 2
 
-
-Waiter = Callable[[], Awaitable[None]]
