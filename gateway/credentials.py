@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -53,10 +54,11 @@ class CertificateCredential:
 
     def for_msal(self) -> dict[str, str]:
         """The dict MSAL's ConfidentialClientApplication takes as client_credential."""
+        # No SHA-1 thumbprint: given the certificate, MSAL signs with PS256 and the SHA-256
+        # thumbprint (x5t#S256), and sends x5c, which enables Entra ID's subject-name/issuer
+        # validation so a renewed certificate needs no app-registration change.
         return {
             "private_key": self.private_key_pem.reveal(),
-            "thumbprint": self.thumbprint,
-            # Sending x5c enables Entra ID's subject-name/issuer certificate rotation.
             "public_certificate": self.public_certificate,
         }
 
@@ -73,6 +75,8 @@ def load_certificate(path: Path, password: Secret | None) -> CertificateCredenti
         key, cert = _from_pem(data, secret)
     else:
         key, cert = _from_pfx(data, secret)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CertificateError("Entra ID accepts only RSA certificate credentials")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

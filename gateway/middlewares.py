@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import GatewayError, RateLimited
+from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, RateLimited
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import LocalLimiter, UpstreamHold
@@ -79,26 +79,40 @@ async def error_mapping(request: web.Request, handler: Handler) -> web.StreamRes
     """The only place that renders the gateway's own errors as JSON."""
     ctx = request[CONTEXT]
     try:
+        if request.method == "CONNECT":
+            # Checked before routing's verdict is used: CONNECT's target is an authority.
+            raise MethodNotAllowed("CONNECT is not supported: the gateway is not a tunnel")
         return await handler(request)
     except GatewayError as exc:
         if ctx.response_started:
             raise
         ctx.error_code = exc.code
-        return _render(exc)
+        return render_error(exc)
+    except web.HTTPNotFound:
+        # The catch-all route matches every origin-form target, so only another form
+        # ("*" of OPTIONS *, an authority) reaches here; it is the caller's error, not ours.
+        ctx.error_code = BadRequest.code
+        return render_error(
+            BadRequest("only origin-form request targets (starting with /) are accepted")
+        )
     except Exception:
         if ctx.response_started:
             raise
         log.exception("unhandled_error")
         ctx.error_code = "internal_error"
-        return _render(GatewayError("internal error; see the gateway's log"))
+        return render_error(GatewayError("internal error; see the gateway's log"))
 
 
-def _render(exc: GatewayError) -> web.Response:
-    return web.json_response(
+def render_error(exc: GatewayError) -> web.Response:
+    """The JSON answer for a gateway error; also used for requests the parser refused."""
+    response = web.json_response(
         {"error": {"code": exc.code, "message": exc.message}},
         status=exc.status,
         headers=exc.headers,
     )
+    if exc.close_connection:
+        response.force_close()
+    return response
 
 
 def rate_limit(

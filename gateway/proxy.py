@@ -25,7 +25,7 @@ from yarl import URL
 from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
-    MethodNotAllowed,
+    MalformedRequest,
     Overloaded,
     PayloadTooLarge,
     RateLimited,
@@ -139,6 +139,25 @@ def strip_key_param(query: str) -> str:
 
 
 # --------------------------------------------------------------------------- header policy
+
+
+def check_message(version: aiohttp.HttpVersion, headers: CIMultiDictProxy[str]) -> None:
+    """Refuse what aiohttp's parsers let through but another server could read differently.
+
+    Only `Transfer-Encoding: chunked`, once, on HTTP/1.1 (RFC 9112 §6.1): lists such as
+    "chunked, chunked" or "identity, chunked" are accepted by one parser and not the other.
+    Header names with "_" are refused: CGI-style servers read X_Forwarded_For as
+    X-Forwarded-For, past the filter below (nginx drops them for the same reason).
+    """
+    if version not in (aiohttp.HttpVersion10, aiohttp.HttpVersion11):
+        raise MalformedRequest("only HTTP/1.0 and HTTP/1.1 requests are accepted")
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings and (
+        version != aiohttp.HttpVersion11 or [c.strip().lower() for c in codings] != ["chunked"]
+    ):
+        raise MalformedRequest("Transfer-Encoding must be exactly 'chunked', on HTTP/1.1")
+    if any("_" in name for name in headers):
+        raise MalformedRequest("header names with underscores are refused")
 
 
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -303,8 +322,7 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward one request and relay the answer."""
-        if request.method == "CONNECT":
-            raise MethodNotAllowed("CONNECT is not supported: the gateway is not a tunnel")
+        check_message(request.version, request.headers)
         ctx = request[CONTEXT]
         settings = self.settings
         target = build_target(settings.upstream_url, request.raw_path)
@@ -537,7 +555,8 @@ def _describe_client_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the upstream closed the connection before answering"
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"the upstream sent an invalid response ({exc.message})"
+        # Not exc.message: the parser quotes the upstream's bytes, which are not the caller's.
+        return "the upstream sent an invalid response"
     if isinstance(exc, TimeoutError):
         return "the upstream stalled"
     return f"the upstream exchange failed ({type(exc).__name__})"

@@ -71,12 +71,37 @@ class _TokenEndpointSession(requests.Session):
         super().__init__()
         self._timeout = timeout
         self._ca_file = str(ca_file) if ca_file else None
+        # MSAL drops the body of a 5xx answer; keep a safe summary so the cause can be named.
+        self.last_answer: str | None = None
+        self.last_retry_after: float | None = None
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self._timeout)
         if self._ca_file is not None:
             kwargs["verify"] = self._ca_file
-        return super().request(method, url, *args, **kwargs)
+        self.last_answer, self.last_retry_after = None, None
+        response = super().request(method, url, *args, **kwargs)
+        self.last_answer = _summarize_answer(response)
+        retry_after = response.headers.get("Retry-After", "")
+        self.last_retry_after = float(retry_after) if retry_after.isdigit() else None
+        return response
+
+
+def _summarize_answer(response: requests.Response) -> str | None:
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    if "json" not in content_type:
+        return (
+            f"HTTP {response.status_code} with {content_type or 'no content type'} instead of JSON"
+        )
+    if response.status_code < 400:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code} with unreadable JSON"
+    if not isinstance(body, dict):
+        return f"HTTP {response.status_code}"
+    return f"HTTP {response.status_code}: {_describe_error(body)}"
 
 
 class MsalAcquirer:
@@ -104,9 +129,17 @@ class MsalAcquirer:
             raise
         except Exception as exc:  # noqa: BLE001 - MSAL and requests raise many kinds; all mean "no token"
             self._app = None  # rebuild next time: discovery may have been what failed
-            raise TokenAcquisitionError(_describe_exception(exc)) from None
+            answer = self._http.last_answer
+            message = (
+                f"token endpoint answered {answer}"
+                if answer and not isinstance(exc, requests.exceptions.RequestException)
+                else _describe_exception(exc)
+            )
+            raise TokenAcquisitionError(message, self._http.last_retry_after) from None
         if "access_token" not in result:
-            raise TokenAcquisitionError(_describe_error(result), _retry_after(result))
+            raise TokenAcquisitionError(
+                f"token endpoint refused: {_describe_error(result)}", _retry_after(result)
+            )
         token = str(result["access_token"])
         redactor.register(token)
         expires_in = float(result.get("expires_in", 0))
@@ -163,7 +196,7 @@ def _describe_error(result: Mapping[str, Any]) -> str:
     summary = description.strip().splitlines()[0][:200] if description.strip() else ""
     if codes and not summary.startswith(codes[0]):
         summary = f"{codes[0]}: {summary}"
-    return redactor.scrub(f"token endpoint refused: {error}" + (f" ({summary})" if summary else ""))
+    return redactor.scrub(f"{error}" + (f" ({summary})" if summary else ""))
 
 
 def _describe_exception(exc: Exception) -> str:

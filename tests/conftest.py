@@ -16,6 +16,7 @@ import trustme
 from aiohttp import web
 from blockbuster import BlockBuster, blockbuster_ctx
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from gateway import config
 from gateway import logging as gateway_logging
@@ -135,9 +136,9 @@ class RunningGateway:
     task: asyncio.Task[None]
     session: aiohttp.ClientSession
 
-    def url(self, path: str) -> str:
-        """URL on the proxy listener."""
-        return f"http://127.0.0.1:{self.gateway.proxy_port}{path}"
+    def url(self, path: str) -> URL:
+        """URL on the proxy listener, sent byte-exact (the client must not normalise it)."""
+        return URL(f"http://127.0.0.1:{self.gateway.proxy_port}{path}", encoded=True)
 
     def admin(self, path: str) -> str:
         """URL on the admin listener."""
@@ -162,7 +163,9 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-async def start_gateway(gateway_env: dict[str, str]) -> AsyncIterator[StartGateway]:
+async def start_gateway(
+    gateway_env: dict[str, str], log_output: io.StringIO
+) -> AsyncIterator[StartGateway]:
     """Factory: start a gateway with `gateway_env` plus overrides (None removes a variable)."""
     running: list[RunningGateway] = []
     session = aiohttp.ClientSession(auto_decompress=False)
@@ -195,6 +198,8 @@ async def start_gateway(gateway_env: dict[str, str]) -> AsyncIterator[StartGatew
         return handle
 
     yield start
+    # Shown by pytest only when the test fails: the gateway's own account of what happened.
+    print("\n".join(log_output.getvalue().splitlines()[-40:]))  # noqa: T201
     for handle in running:
         handle.stop.set()
         with contextlib.suppress(Exception):

@@ -242,5 +242,5 @@ def _assertion_signed_by(assertion: str, certificate_pem: bytes, client_id: str,
         )
     except jwt.PyJWTError:
         return False
-    x5t = header.get("x5t") or header.get("x5t#S256")
+    x5t = str(header.get("x5t") or header.get("x5t#S256") or "").rstrip("=")
     return bool(claims.get("iss") == client_id == claims.get("sub") and x5t in thumbprints)

@@ -6,6 +6,7 @@ Routes under /v1 (the gateway's base path in tests):
   /v1/upload             consumes the body, answers its length and SHA-256
   /v1/status/{code}      answers that status (Retry-After from ?retry_after=)
   /v1/stall              never answers
+  /v1/delay?s=N          answers after N seconds
   /v1/reset              closes the connection before any response byte
   /v1/reset-mid-body     sends headers and part of the body, then closes
   /v1/redirect           302 to another host
@@ -15,6 +16,7 @@ Anything outside /v1 answers 404, so a path that escaped the base path is visibl
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from gateway.sandbox.apim import SubscriptionKeyPair, apim_guard
 from gateway.sandbox.issuer import TokenIssuer
 
 CHUNK = 64 * 1024
+GZIPPED = gzip.compress(b"compressed payload " * 100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +74,15 @@ class Upstream:
     retry_after: str | None = None  # Retry-After sent with fail_next statuses
     active: int = 0  # requests being handled now
     base_url: str = ""
+    revoked: set[str] = field(default_factory=set)  # tokens rejected even though unexpired
+
+    def verify_token(self, token: str) -> bool:
+        """Valid when the issuer minted it, it has not expired and it was not revoked."""
+        return token not in self.revoked and self.issuer.verify(token)
 
     def app(self) -> web.Application:
         """The upstream application, APIM guard in front."""
-        application = web.Application(middlewares=[apim_guard(self.keys, self.issuer.verify)])
+        application = web.Application(middlewares=[apim_guard(self.keys, self.verify_token)])
         application.router.add_route("*", "/{tail:.*}", self._handle)
         return application
 
@@ -112,6 +120,8 @@ class Upstream:
             )
         if name == "stall":
             await asyncio.sleep(3600)
+        if name == "delay":
+            await asyncio.sleep(float(request.query.get("s", "1")))
         if name == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -120,6 +130,10 @@ class Upstream:
             return await self._reset_mid_body(request)
         if name == "redirect":
             return web.Response(status=302, headers={"Location": "http://203.0.113.7/elsewhere"})
+        if name == "gzip":
+            return web.Response(
+                body=GZIPPED, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+            )
         return web.json_response(
             {
                 "method": request.method,

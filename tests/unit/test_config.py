@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import trustme
 from yarl import URL
 
 from gateway import config
 from gateway.config import ConfigError, CredentialKind
+from tests.certs import client_certificate
 
 BASE = {
     "AZURE_TENANT_ID": "tenant",
@@ -204,18 +204,9 @@ def test_secrets_are_never_echoed() -> None:
 
 def test_certificate_credential_with_password(tmp_path: Path) -> None:
     """An encrypted PEM with the right password loads; a wrong password is a named error."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("client.example")
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
-    encrypted = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"canary-cert-password"),
-    )
+    pem, _ = client_certificate(b"canary-cert-password")
     path = tmp_path / "client.pem"
-    path.write_bytes(encrypted + cert.cert_chain_pems[0].bytes())
+    path.write_bytes(pem)
     env = {
         "AZURE_TENANT_ID": "t",
         "AZURE_CLIENT_ID": "c",

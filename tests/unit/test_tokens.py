@@ -196,4 +196,3 @@ async def test_replace_gets_a_fresh_token_once(
     with pytest.raises(TokenUnavailable):
         await manager.replace("token-2")
     assert acquirer.calls == 2
-
