@@ -1,0 +1,370 @@
+{{/*
+Internal helpers. Each takes a "context" with .Values, .Release and .Capabilities: the chart's own
+root context, or the one "ci-gateway.sidecar.context" builds for an application chart that
+includes the public sidecar templates (_sidecar.tpl). .Chart is only read by templates that
+render this chart's own objects, since an including chart's .Chart is its own.
+*/}}
+
+{{- define "ci-gateway.name" -}}
+{{- default "ci-gateway" .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+"ci-gateway" rather than .Chart.Name: the name must come out the same when an application chart
+computes it (to find the ConfigMap) as when this chart does (to create it).
+*/}}
+{{- define "ci-gateway.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default "ci-gateway" .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ci-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ci-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ci-gateway.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ci-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ci-gateway
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ci-gateway.gatewaySelectorLabels" -}}
+{{ include "ci-gateway.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{/* The tag is set in values.yaml (kept equal to appVersion by a test): an including chart's
+.Chart.AppVersion would be its own. */}}
+{{- define "ci-gateway.image" -}}
+{{- $image := .Values.image -}}
+{{- if $image.digest -}}
+{{- printf "%s:%s@%s" $image.repository $image.tag $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository $image.tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ci-gateway.authSecretName" -}}
+{{- default (printf "%s-credentials" (include "ci-gateway.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "ci-gateway.subscriptionKeysSecretName" -}}
+{{- default (include "ci-gateway.authSecretName" .) .Values.subscriptionKeys.existingSecret -}}
+{{- end -}}
+
+{{- define "ci-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ci-gateway.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether a container rendered for this role runs as a native sidecar. */}}
+{{- define "ci-gateway.isNative" -}}
+{{- if and (eq .role "sidecar") .ctx.Values.sidecar.native -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Seconds the gateway container needs from the start of pod termination until it has exited: the
+preStop sleep (not for a native sidecar, which the kubelet stops only after the application
+containers), the drain (config.shutdownGraceSeconds), and 5 s of margin.
+*/}}
+{{- define "ci-gateway.shutdownSeconds" -}}
+{{- $v := .ctx.Values -}}
+{{- $preStop := ternary 0 (int $v.preStopSleepSeconds) (eq (include "ci-gateway.isNative" .) "true") -}}
+{{- add $preStop (int $v.config.shutdownGraceSeconds) 5 -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds for a pod this chart owns, with the role of its gateway. */}}
+{{- define "ci-gateway.podTerminationGracePeriodSeconds" -}}
+{{- $needed := int (include "ci-gateway.shutdownSeconds" .) -}}
+{{- $set := .ctx.Values.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $set -}}
+{{- $needed -}}
+{{- else if lt (int $set) $needed -}}
+{{- fail (printf "terminationGracePeriodSeconds=%d is shorter than the %d s the gateway needs to stop (preStopSleepSeconds + config.shutdownGraceSeconds + 5): raise it, or set it to null to derive it" (int $set) $needed) -}}
+{{- else -}}
+{{- int $set -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Non-secret settings, as the ConfigMap's data. A setting left null (or "") is left out so that the
+gateway's own default applies. Integers go through int64: Helm reads YAML numbers as float64,
+which would otherwise print large ones as 1e+07.
+*/}}
+{{- define "ci-gateway.configData" -}}
+{{- $c := .Values.config -}}
+{{- $a := .Values.auth -}}
+{{- $rl := $c.rateLimit -}}
+CIGW_UPSTREAM_URL: {{ $c.upstreamUrl | quote }}
+CIGW_SCOPE: {{ $c.scope | quote }}
+CIGW_SHUTDOWN_GRACE: {{ int64 $c.shutdownGraceSeconds | quote }}
+CIGW_LOG_LEVEL: {{ $c.logLevel | quote }}
+CIGW_LOG_FORMAT: {{ $c.logFormat | quote }}
+{{- if not (kindIs "invalid" $c.upstreamTimeoutSeconds) }}
+CIGW_UPSTREAM_TIMEOUT: {{ $c.upstreamTimeoutSeconds | toString | quote }}
+{{- end }}
+{{- with $a.tenantId }}
+AZURE_TENANT_ID: {{ . | quote }}
+{{- end }}
+{{- with $a.clientId }}
+AZURE_CLIENT_ID: {{ . | quote }}
+{{- end }}
+{{- with $a.authorityHost }}
+AZURE_AUTHORITY_HOST: {{ . | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.instanceDiscovery) }}
+CIGW_INSTANCE_DISCOVERY: {{ ternary "true" "false" $a.instanceDiscovery | quote }}
+{{- end }}
+{{- range $env, $value := dict "CIGW_RETRY_ATTEMPTS" $c.retryAttempts "CIGW_MAX_BODY_BYTES" $c.maxBodyBytes "CIGW_MAX_CONNECTIONS" $c.maxConnections "CIGW_WORKERS" $c.workers "CIGW_RATE_LIMIT_BURST" $rl.burst "CIGW_RATE_LIMIT_CALLER_BURST" $rl.callerBurst }}
+{{- if not (kindIs "invalid" $value) }}
+{{ $env }}: {{ int64 $value | quote }}
+{{- end }}
+{{- end }}
+{{- range $env, $value := dict "CIGW_RATE_LIMIT_RPS" $rl.rps "CIGW_RATE_LIMIT_CALLER_RPS" $rl.callerRps }}
+{{- if not (kindIs "invalid" $value) }}
+{{ $env }}: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+{{- with $rl.callerHeader }}
+CIGW_RATE_LIMIT_CALLER_HEADER: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Rejects combinations that would render objects the gateway cannot use, with a message that says
+how to fix them. Renders nothing. Called once per render, from the ConfigMap and from the public
+sidecar template.
+*/}}
+{{- define "ci-gateway.validate" -}}
+{{- $v := .Values -}}
+{{- $a := $v.auth -}}
+{{- $cs := $v.createSecret -}}
+{{- if and (eq $a.method "workloadIdentity") (not $a.clientId) -}}
+{{- fail "auth.method=workloadIdentity needs auth.clientId: the ServiceAccount's azure.workload.identity/client-id annotation names the identity" -}}
+{{- end -}}
+{{- if and $a.certificatePassword (ne $a.method "certificate") -}}
+{{- fail "auth.certificatePassword=true only applies to auth.method=certificate" -}}
+{{- end -}}
+{{- if and $v.subscriptionKeys.secondary (not $v.subscriptionKeys.enabled) -}}
+{{- fail "subscriptionKeys.secondary=true needs subscriptionKeys.enabled=true: the gateway uses a secondary key only beside a primary one" -}}
+{{- end -}}
+{{- if $cs.enabled -}}
+{{- if or $a.existingSecret $v.subscriptionKeys.existingSecret -}}
+{{- fail "createSecret.enabled=true creates <fullname>-credentials: leave auth.existingSecret and subscriptionKeys.existingSecret empty, or disable createSecret" -}}
+{{- end -}}
+{{- if and (eq $a.method "clientSecret") (not $cs.clientSecret) -}}
+{{- fail "createSecret.enabled=true with auth.method=clientSecret needs createSecret.clientSecret" -}}
+{{- end -}}
+{{- if and (eq $a.method "certificate") (not $cs.certificate) -}}
+{{- fail "createSecret.enabled=true with auth.method=certificate needs createSecret.certificate (PEM: certificate and private key)" -}}
+{{- end -}}
+{{- if and $a.certificatePassword (not $cs.certificatePassword) -}}
+{{- fail "createSecret.enabled=true with auth.certificatePassword=true needs createSecret.certificatePassword" -}}
+{{- end -}}
+{{- if and $v.subscriptionKeys.enabled (not $cs.subscriptionKey) -}}
+{{- fail "createSecret.enabled=true with subscriptionKeys.enabled=true needs createSecret.subscriptionKey" -}}
+{{- end -}}
+{{- if and $v.subscriptionKeys.secondary (not $cs.subscriptionKeySecondary) -}}
+{{- fail "createSecret.enabled=true with subscriptionKeys.secondary=true needs createSecret.subscriptionKeySecondary" -}}
+{{- end -}}
+{{- end -}}
+{{- range $v.extraEnv -}}
+{{- if and (has .name (list "AZURE_CLIENT_SECRET" "AZURE_CLIENT_CERTIFICATE_PASSWORD" "CIGW_SUBSCRIPTION_KEY" "CIGW_SUBSCRIPTION_KEY_SECONDARY")) (hasKey . "value") -}}
+{{- fail (printf "extraEnv: %s must not have a literal value (it would be stored in the Deployment in clear): use valueFrom.secretKeyRef, or the chart's auth/subscriptionKeys settings" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.metrics.serviceMonitor.enabled (eq $v.mode "sidecar") -}}
+{{- fail "metrics.serviceMonitor needs mode=gateway (a sidecar has no Service of its own): use metrics.podMonitor" -}}
+{{- end -}}
+{{- if and $v.sidecar.demo.enabled (ne $v.mode "sidecar") -}}
+{{- fail "sidecar.demo.enabled=true needs mode=sidecar" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The gateway container. Arguments: ctx (see above) and role: "gateway" (the shared Deployment:
+the proxy listens on the pod IP) or "sidecar" (the proxy listens on 127.0.0.1 only and the
+admin port is the only one on the pod IP; native or classic by sidecar.native).
+*/}}
+{{- define "ci-gateway.container" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $native := eq (include "ci-gateway.isNative" .) "true" -}}
+{{- $mount := "/etc/ci-gateway" -}}
+- name: {{ ternary $v.sidecar.containerName "ci-gateway" (eq .role "sidecar") }}
+  image: {{ include "ci-gateway.image" $ctx | quote }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  args: ["serve"]
+  {{- if $native }}
+  # A native sidecar: started before the application containers (which wait for its
+  # startupProbe, i.e. the first token) and stopped after them.
+  restartPolicy: Always
+  {{- end }}
+  ports:
+    {{- if eq .role "gateway" }}
+    - name: cigw-proxy
+      containerPort: {{ $v.ports.proxy }}
+      protocol: TCP
+    {{- end }}
+    - name: cigw-admin
+      containerPort: {{ $v.ports.admin }}
+      protocol: TCP
+  envFrom:
+    - configMapRef:
+        name: {{ include "ci-gateway.fullname" $ctx }}
+  env:
+    - name: CIGW_LISTEN
+      value: {{ printf "%s:%d" (ternary "0.0.0.0" "127.0.0.1" (eq .role "gateway")) (int $v.ports.proxy) | quote }}
+    - name: CIGW_ADMIN_LISTEN
+      value: {{ printf "0.0.0.0:%d" (int $v.ports.admin) | quote }}
+    {{- if eq $v.auth.method "clientSecret" }}
+    - name: CIGW_CLIENT_SECRET_FILE
+      value: {{ printf "%s/credentials/%s" $mount $v.auth.secretKeys.clientSecret | quote }}
+    {{- else if eq $v.auth.method "certificate" }}
+    - name: AZURE_CLIENT_CERTIFICATE_PATH
+      value: {{ printf "%s/credentials/%s" $mount $v.auth.secretKeys.certificate | quote }}
+    {{- if $v.auth.certificatePassword }}
+    - name: AZURE_CLIENT_CERTIFICATE_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "ci-gateway.authSecretName" $ctx }}
+          key: {{ $v.auth.secretKeys.certificatePassword }}
+    {{- end }}
+    {{- end }}
+    {{- /* workloadIdentity: the webhook injects AZURE_FEDERATED_TOKEN_FILE and the token volume. */}}
+    {{- if $v.subscriptionKeys.enabled }}
+    - name: CIGW_SUBSCRIPTION_KEY_FILE
+      value: {{ printf "%s/subscription-keys/%s" $mount $v.subscriptionKeys.secretKeys.primary | quote }}
+    {{- if $v.subscriptionKeys.secondary }}
+    - name: CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE
+      value: {{ printf "%s/subscription-keys/%s" $mount $v.subscriptionKeys.secretKeys.secondary | quote }}
+    {{- end }}
+    {{- end }}
+    {{- with $v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  startupProbe:
+    httpGet:
+      path: /readyz
+      port: cigw-admin
+    periodSeconds: {{ $v.probes.startup.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.startup.failureThreshold }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: cigw-admin
+    periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+  {{- if $v.probes.readiness.enabled }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: cigw-admin
+    periodSeconds: {{ $v.probes.readiness.periodSeconds }}
+    timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
+    failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+  {{- end }}
+  {{- if and (not $native) (gt (int $v.preStopSleepSeconds) 0) }}
+  lifecycle:
+    preStop:
+      # Keep serving while endpoints and the application stop sending; then SIGTERM starts the
+      # drain of config.shutdownGraceSeconds.
+      exec:
+        command: ["sleep", {{ int $v.preStopSleepSeconds | quote }}]
+  {{- end }}
+  {{- with $v.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.containerSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: cigw-tmp
+      mountPath: /tmp
+    {{- if ne $v.auth.method "workloadIdentity" }}
+    - name: cigw-credentials
+      mountPath: {{ printf "%s/credentials" $mount }}
+      readOnly: true
+    {{- end }}
+    {{- if $v.subscriptionKeys.enabled }}
+    - name: cigw-subscription-keys
+      mountPath: {{ printf "%s/subscription-keys" $mount }}
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/*
+The gateway container's volumes. Secrets are mounted as whole directories (items select keys,
+no subPath): the kubelet then swaps rotated contents in place and the gateway re-reads the files
+without a restart. A missing Secret or key keeps the pod from starting, with an event that
+names it.
+*/}}
+{{- define "ci-gateway.volumes" -}}
+{{- $v := .Values -}}
+- name: cigw-tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if ne $v.auth.method "workloadIdentity" }}
+- name: cigw-credentials
+  secret:
+    secretName: {{ include "ci-gateway.authSecretName" . }}
+    items:
+      {{- if eq $v.auth.method "clientSecret" }}
+      - key: {{ $v.auth.secretKeys.clientSecret }}
+        path: {{ $v.auth.secretKeys.clientSecret }}
+      {{- else }}
+      - key: {{ $v.auth.secretKeys.certificate }}
+        path: {{ $v.auth.secretKeys.certificate }}
+      {{- end }}
+{{- end }}
+{{- if $v.subscriptionKeys.enabled }}
+- name: cigw-subscription-keys
+  secret:
+    secretName: {{ include "ci-gateway.subscriptionKeysSecretName" . }}
+    items:
+      - key: {{ $v.subscriptionKeys.secretKeys.primary }}
+        path: {{ $v.subscriptionKeys.secretKeys.primary }}
+      {{- if $v.subscriptionKeys.secondary }}
+      - key: {{ $v.subscriptionKeys.secretKeys.secondary }}
+        path: {{ $v.subscriptionKeys.secretKeys.secondary }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels a pod carrying the gateway needs: workload identity's opt-in label. */}}
+{{- define "ci-gateway.identityPodLabels" -}}
+{{- if eq .Values.auth.method "workloadIdentity" -}}
+azure.workload.identity/use: "true"
+{{- end -}}
+{{- end -}}
+
+{{/* Annotations for a pod carrying the gateway: config checksum (restart on change) and scrape. */}}
+{{- define "ci-gateway.podAnnotations" -}}
+checksum/ci-gateway-config: {{ include "ci-gateway.configData" . | sha256sum }}
+{{- if .Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.ports.admin | int | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
