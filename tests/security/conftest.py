@@ -1,0 +1,157 @@
+"""Security-suite fixtures: leak ledger, credential-redacting upstream, gateway subprocesses.
+
+The parser-level modules share one issuer, one upstream and one gateway process per
+aiohttp parser for the whole module (loop_scope="module"), so a hostile case costs a
+connection, not a process start.
+"""
+
+from __future__ import annotations
+
+import io
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from gateway import logging as gateway_logging
+from gateway.sandbox.apim import SubscriptionKeyPair
+from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
+from tests.conftest import (
+    CANARY_PRIMARY,
+    CANARY_SECONDARY,
+    CANARY_SECRET,
+    CLIENT,
+    TENANT,
+    base_url,
+    start_app,
+)
+from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
+from tests.servers.upstream import Upstream
+
+# Canaries for the certificate and workload-identity credentials (tests/security/test_secrets.py).
+CANARY_CERT_PASSWORD = "canary-cert-password-Kp27vQ"
+CANARY_ASSERTION = "canary.federated.assertion-Hm93tY"
+
+_LEDGER = Ledger()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger() -> Iterator[Ledger]:
+    """Everything that left a gateway during the suite; at the end, no canary may be in it."""
+    _LEDGER.secret(
+        CANARY_SECRET, CANARY_PRIMARY, CANARY_SECONDARY, CANARY_CERT_PASSWORD, CANARY_ASSERTION
+    )
+    yield _LEDGER
+    leaks = _LEDGER.leaks()
+    assert not leaks, "secrets leaked during the security suite:\n" + "\n".join(leaks[:20])
+
+
+@pytest.fixture(autouse=True)
+def no_leak_in_this_test(ledger: Ledger, log_output: io.StringIO) -> Iterator[None]:
+    """After each test, nothing it captured (logs, responses, output) holds a canary."""
+    start = len(ledger.texts)
+    yield
+    ledger.record("in-process log", log_output.getvalue())
+    leaks = ledger.leaks(ledger.texts[start:])
+    assert not leaks, "secrets leaked:\n" + "\n".join(leaks[:20])
+
+
+@pytest.fixture(autouse=True)
+def log_output() -> io.StringIO:
+    """Everything the in-process gateway logs during the test, as JSON lines."""
+    buffer = io.StringIO()
+    gateway_logging.configure("debug", "json", buffer)
+    return buffer
+
+
+@pytest.fixture
+async def issuer(issuer: TokenIssuer, ledger: Ledger) -> AsyncIterator[TokenIssuer]:
+    """The conftest's token issuer; every token it issued becomes a canary."""
+    yield issuer
+    ledger.secret(*issuer.issued)
+
+
+@pytest.fixture
+async def upstream(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
+    """The APIM-like upstream, echoing credentials only as fingerprints."""
+    server = SecurityUpstream(issuer, SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY))
+    runner = await start_app(server.app())
+    server.base_url = base_url(runner)
+    yield server
+    await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- module-wide servers
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_issuer(server_ssl: ssl.SSLContext) -> AsyncIterator[TokenIssuer]:
+    """One token issuer for a whole module."""
+    token_issuer = TokenIssuer(ClientRegistration(TENANT, CLIENT, client_secret=CANARY_SECRET))
+    runner = await start_app(token_issuer.app(), server_ssl)
+    token_issuer.base_url = base_url(runner, "https")
+    yield token_issuer
+    await runner.cleanup()
+    _LEDGER.secret(*token_issuer.issued)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_upstream(shared_issuer: TokenIssuer) -> AsyncIterator[SecurityUpstream]:
+    """One APIM-like upstream for a whole module."""
+    server = SecurityUpstream(shared_issuer, SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY))
+    runner = await start_app(server.app())
+    server.base_url = base_url(runner)
+    yield server
+    await runner.cleanup()
+
+
+def process_env(issuer: TokenIssuer, upstream_url: str, ca_file: Path) -> dict[str, str]:
+    """The environment of a gateway subprocess wired to `issuer` and `upstream_url`."""
+    return {
+        "AZURE_TENANT_ID": TENANT,
+        "AZURE_CLIENT_ID": CLIENT,
+        "AZURE_CLIENT_SECRET": CANARY_SECRET,
+        "AZURE_AUTHORITY_HOST": issuer.base_url,
+        "CIGW_INSTANCE_DISCOVERY": "false",
+        "CIGW_AUTHORITY_CA_FILE": str(ca_file),
+        "CIGW_UPSTREAM_URL": upstream_url,
+        "CIGW_LISTEN": "127.0.0.1:0",
+        "CIGW_ADMIN_LISTEN": "127.0.0.1:0",
+        "CIGW_SUBSCRIPTION_KEY": CANARY_PRIMARY,
+        "CIGW_SUBSCRIPTION_KEY_SECONDARY": CANARY_SECONDARY,
+        "CIGW_UPSTREAM_TIMEOUT": "2",
+        "CIGW_TOKEN_TIMEOUT": "2",
+        "CIGW_CLIENT_TIMEOUT": "2",
+        "CIGW_RETRY_ATTEMPTS": "1",
+    }
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for admin pages and well-formed requests."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["c", "python"])
+async def gateway_proc(
+    request: pytest.FixtureRequest,
+    shared_issuer: TokenIssuer,
+    shared_upstream: SecurityUpstream,
+    shared_session: aiohttp.ClientSession,
+    ca_file: Path,
+) -> AsyncIterator[GatewayProcess]:
+    """A ready gateway subprocess on each aiohttp HTTP parser, the C one and the pure-Python one."""
+    parser = str(request.param)
+    env = process_env(shared_issuer, f"{shared_upstream.base_url}/v1", ca_file)
+    process = await GatewayProcess.start(env, _LEDGER, parser=parser)
+    try:
+        # Asserted at start-up: a module run "under both parsers" must really use both.
+        assert process.listening.get("http_parser") == parser, process.listening
+        await process.wait_ready(shared_session)
+        yield process
+    finally:
+        await process.stop()
