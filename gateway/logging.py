@@ -56,8 +56,13 @@ class Redactor:
 redactor = Redactor()
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog once per process; `fmt` auto means JSON unless on a terminal."""
+def configure(
+    level: str = "info", fmt: str = "auto", stream: TextIO | None = None, *, cache: bool = True
+) -> None:
+    """Configure structlog once per process; `fmt` auto means JSON unless on a terminal.
+
+    `cache` binds each logger on first use (fast); tests that reconfigure per test turn it off.
+    """
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -78,7 +83,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         # Filtering at the bound logger skips building events for disabled levels entirely.
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # aiohttp and msal log through the standard library; route warnings to the same stream.
     handler = logging.StreamHandler(stream)

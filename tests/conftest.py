@@ -44,7 +44,7 @@ def blockbuster() -> Iterator[BlockBuster]:
 def log_output() -> io.StringIO:
     """Everything the gateway logs during the test, as JSON lines."""
     buffer = io.StringIO()
-    gateway_logging.configure("debug", "json", buffer)
+    gateway_logging.configure("debug", "json", buffer, cache=False)
     return buffer
 
 

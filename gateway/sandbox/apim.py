@@ -48,16 +48,23 @@ class SubscriptionKeyPair:
         return any(secrets.compare_digest(key, valid) for valid in (self.primary, self.secondary))
 
 
-def apim_guard(keys: SubscriptionKeyPair, verify_token: Callable[[str], bool]) -> Middleware:
-    """Reject like APIM: the key first (missing/invalid), then the bearer token."""
+def apim_guard(
+    keys: SubscriptionKeyPair | None, verify_token: Callable[[str], bool]
+) -> Middleware:
+    """Reject like APIM: the key first (missing/invalid), then the bearer token.
+
+    With `keys` None only the bearer token is checked, as an API without APIM in front
+    (the Dataverse Web API) does.
+    """
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = request.headers.get(KEY_HEADER) or request.query.get("subscription-key")
-        if not key:
-            return _denied(MISSING_KEY)
-        if not keys.accepts(key):
-            return _denied(INVALID_KEY)
+        if keys is not None:
+            key = request.headers.get(KEY_HEADER) or request.query.get("subscription-key")
+            if not key:
+                return _denied(MISSING_KEY)
+            if not keys.accepts(key):
+                return _denied(INVALID_KEY)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not verify_token(token.strip()):
             return _denied(INVALID_TOKEN, {"WWW-Authenticate": 'Bearer error="invalid_token"'})

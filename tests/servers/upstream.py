@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.sandbox.apim import SubscriptionKeyPair, apim_guard
 from gateway.sandbox.issuer import TokenIssuer
@@ -75,6 +76,7 @@ class Upstream:
     active: int = 0  # requests being handled now
     base_url: str = ""
     revoked: set[str] = field(default_factory=set)  # tokens rejected even though unexpired
+    require_key: bool = True  # False: no APIM in front, only the bearer token is checked
 
     def verify_token(self, token: str) -> bool:
         """Valid when the issuer minted it, it has not expired and it was not revoked."""
@@ -82,7 +84,14 @@ class Upstream:
 
     def app(self) -> web.Application:
         """The upstream application, APIM guard in front."""
-        application = web.Application(middlewares=[apim_guard(self.keys, self.verify_token)])
+        with_key = apim_guard(self.keys, self.verify_token)
+        token_only = apim_guard(None, self.verify_token)
+
+        @web.middleware
+        async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await (with_key if self.require_key else token_only)(request, handler)
+
+        application = web.Application(middlewares=[guard])
         application.router.add_route("*", "/{tail:.*}", self._handle)
         return application
 
