@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ async def start_app(
     app: web.Application, ssl_context: ssl.SSLContext | None = None
 ) -> web.AppRunner:
     """Serve `app` on 127.0.0.1 at an ephemeral port."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    # Cancelled handlers show a disconnect the way production servers notice one.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
     return runner
@@ -171,7 +173,10 @@ async def start_gateway(
     session = aiohttp.ClientSession(auto_decompress=False)
 
     async def start(
-        overrides: Mapping[str, str | None] | None = None, *, ready: bool = True
+        overrides: Mapping[str, str | None] | None = None,
+        *,
+        ready: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> RunningGateway:
         env = {**gateway_env}
         for name, value in (overrides or {}).items():
@@ -181,7 +186,9 @@ async def start_gateway(
                 env[name] = value
         # Loading reads files; production does it before the loop starts, tests off the loop.
         settings = await asyncio.to_thread(config.load, env)
-        gateway = await asyncio.to_thread(create_app, settings, registry=CollectorRegistry())
+        gateway = await asyncio.to_thread(
+            create_app, settings, registry=CollectorRegistry(), monotonic=monotonic
+        )
         stop, started = asyncio.Event(), asyncio.Event()
         task = asyncio.ensure_future(serve(gateway, stop, started))
         await asyncio.wait(
