@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -11,27 +12,40 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_parser, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, middlewares
 from gateway.config import Settings
+from gateway.errors import GatewayError, HeaderFieldsTooLarge, MalformedRequest, UriTooLong
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
-from gateway.state import KEYS, METRICS, READINESS, SETTINGS, TOKENS, Readiness
+from gateway.state import (
+    CLOSE_CONNECTION,
+    KEYS,
+    METRICS,
+    READINESS,
+    SETTINGS,
+    TOKENS,
+    Readiness,
+)
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 
 log = get_logger("app")
 
 # Request-line and header limits, explicit so they are documented and tested (README,
-# SECURITY.md). aiohttp answers 400 past them before any handler runs.
-MAX_LINE_SIZE = 8190
+# SECURITY.md). Past them the parser refuses the request before any handler runs, and
+# _ProxyRequestHandler answers 414 or 431. The two sizes differ on purpose: llhttp tells
+# which line overflowed only by the limit it reports.
+MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
-KEEPALIVE_TIMEOUT = 75.0
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:(?!//)")
 
 
 @dataclass(slots=True)
@@ -55,6 +69,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     acquirer: Acquirer | None = None,
     clock: Callable[[], float] | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> Gateway:
     """Build the proxy and admin applications; resources start in cleanup contexts."""
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
@@ -67,13 +82,14 @@ def create_app(
     keys = SubscriptionKeys(settings, metrics)
     readiness = Readiness(tokens)
     metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
-    hold = UpstreamHold()
+    hold = UpstreamHold(monotonic)
     metrics.upstream_hold.set_function(hold.remaining)
     limiter = LocalLimiter(
         rps=settings.rate_limit_rps,
         burst=settings.rate_limit_burst,
         caller_rps=settings.rate_limit_caller_rps,
         caller_burst=settings.rate_limit_caller_burst,
+        clock=monotonic,
     )
     caller_header = settings.rate_limit_caller_header
     proxy = Proxy(
@@ -82,7 +98,7 @@ def create_app(
         tokens=tokens,
         keys=keys,
         hold=hold,
-        budget=RetryBudget(),
+        budget=RetryBudget(clock=monotonic),
         slots=asyncio.Semaphore(settings.max_connections),
         # The caller-identity header is for the gateway only, never for the upstream.
         drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
@@ -175,7 +191,7 @@ async def serve(
 ) -> None:
     """Run both listeners until `stop` is set, then shut down gracefully."""
     settings = gateway.settings
-    proxy_runner = web.AppRunner(
+    proxy_runner = _ProxyRunner(
         gateway.proxy_app,
         handle_signals=False,
         access_log=None,  # the access middleware writes the one line per request
@@ -184,7 +200,10 @@ async def serve(
         max_line_size=MAX_LINE_SIZE,
         max_field_size=MAX_FIELD_SIZE,
         max_headers=MAX_HEADERS,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        # aiohttp closes a connection that has not completed a request's headers within
+        # the keep-alive timeout (counted from connect or the last answer): it is also the
+        # slowloris header timeout.
+        keepalive_timeout=settings.client_timeout,
     )
     admin_runner = web.AppRunner(gateway.admin_app, handle_signals=False, access_log=None)
     await admin_runner.setup()
@@ -211,6 +230,7 @@ async def serve(
             proxy=_bound(proxy_runner),
             admin=_bound(admin_runner),
             upstream=str(settings.upstream_url),
+            http_parser=http_parser_in_use(),
         )
         if started is not None:
             started.set()
@@ -227,6 +247,77 @@ async def serve(
         # 3. the admin listener goes last, so probes see "draining" until the end.
         await admin_runner.cleanup()
         log.info("shutdown_complete")
+
+
+class _ProxyRequestHandler(web.RequestHandler):
+    """The proxy listener's connection handler: refused requests get the gateway's JSON."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Parser refusals become 400/414/431 JSON answers that close the connection."""
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        error = _refusal(exc)
+        # aiohttp's own answer and log line quote the offending bytes, which may hold a
+        # caller's credentials; this one names only the kind of problem.
+        log.warning("malformed_request", status=error.status, reason=type(exc).__name__)
+        return middlewares.render_error(error)
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send the answer; end the connection at once when the answer says so."""
+        result = await super().finish_response(request, resp, start_time)
+        if resp.get(CLOSE_CONNECTION):
+            # Without this aiohttp keeps reading ("lingering") up to 10 s to drain a body
+            # whose framing was just refused, or the tunnel bytes after a CONNECT.
+            self.force_close()
+        return result
+
+
+def _refusal(exc: HttpProcessingError) -> GatewayError:
+    if isinstance(exc, LineTooLong):
+        excerpt = exc.args[0] if exc.args and isinstance(exc.args[0], bytes | bytearray) else b""
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        # Only the request line is checked against MAX_LINE_SIZE, except that the
+        # pure-Python parser checks a header line that is still incomplete against it too;
+        # its excerpt then starts with "name:".
+        if limit == MAX_LINE_SIZE and not _HEADER_LINE.match(excerpt):
+            return UriTooLong(f"the request line exceeds {MAX_LINE_SIZE} bytes")
+        return HeaderFieldsTooLarge(f"a header field exceeds {MAX_FIELD_SIZE} bytes")
+    if "too many headers" in exc.message.lower():
+        return HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields")
+    return MalformedRequest("the request is not valid HTTP/1.1")
+
+
+class _ProxyServer(web.Server):
+    """Serves each proxy connection with _ProxyRequestHandler."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _ProxyRunner(web.AppRunner):
+    """An AppRunner whose server is a _ProxyServer."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no parameter for the connection-handler class: the Server it built
+        # (the application started, its settings applied) takes the subclass instead.
+        server.__class__ = _ProxyServer
+        return server
+
+
+def http_parser_in_use() -> str:
+    """Which aiohttp HTTP parser serves: "c" (llhttp) or "python" (AIOHTTP_NO_EXTENSIONS=1)."""
+    # Chosen at import time; logged because the two differ in what they accept.
+    c_parser = getattr(http_parser, "HttpRequestParserC", None)
+    return "c" if http_parser.HttpRequestParser is c_parser else "python"
 
 
 def _bound(runner: web.AppRunner) -> str:

@@ -13,6 +13,8 @@ class GatewayError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # True when the request's framing cannot be trusted: the answer ends the connection.
+    close_connection: bool = False
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -27,11 +29,40 @@ class BadRequest(GatewayError, ValueError):
     code = "bad_request"
 
 
+class MalformedRequest(BadRequest):
+    """The request is not clean HTTP/1.1 (bad framing, bad header syntax): never forwarded."""
+
+    code = "malformed_request"
+    close_connection = True
+
+
+class BodyIncomplete(MalformedRequest):
+    """The request body did not arrive in time, or broke its own framing."""
+
+    code = "body_incomplete"
+
+
+class UriTooLong(MalformedRequest):
+    """The request line exceeds the listener's limit (app.MAX_LINE_SIZE)."""
+
+    status = 414
+    code = "uri_too_long"
+
+
+class HeaderFieldsTooLarge(MalformedRequest):
+    """A header field, or the number of them, exceeds the listener's limits."""
+
+    status = 431
+    code = "header_fields_too_large"
+
+
 class MethodNotAllowed(GatewayError):
     """A method the gateway never forwards (CONNECT)."""
 
     status = 405
     code = "method_not_allowed"
+    # After CONNECT, aiohttp's parser reads the rest of the connection as tunnel bytes.
+    close_connection = True
 
 
 class PayloadTooLarge(GatewayError):

@@ -15,7 +15,7 @@ from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, RateLimit
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import LocalLimiter, UpstreamHold
-from gateway.state import CONTEXT, RequestContext
+from gateway.state import CLOSE_CONNECTION, CONTEXT, RequestContext
 
 access_log = get_logger("access")
 log = get_logger("proxy")
@@ -112,6 +112,7 @@ def render_error(exc: GatewayError) -> web.Response:
     )
     if exc.close_connection:
         response.force_close()
+        response[CLOSE_CONNECTION] = True
     return response
 
 

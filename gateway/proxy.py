@@ -25,6 +25,8 @@ from yarl import URL
 from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
+    BodyIncomplete,
+    GatewayError,
     MalformedRequest,
     Overloaded,
     PayloadTooLarge,
@@ -235,7 +237,9 @@ class Body:
     ) -> None:
         self.data = data
         self.length = len(data) if data is not None else length
-        self.overflowed = False
+        # Why streaming the body stopped, when it was the caller's fault: the HTTP client
+        # wraps whatever the body generator raises, so the cause is kept here.
+        self.failure: GatewayError | None = None
         self._request, self._prefix, self._limit = request, prefix, limit
         self._read_timeout = read_timeout
         self._consumed = False
@@ -259,15 +263,22 @@ class Body:
         if self._prefix:
             yield self._prefix
         while True:
-            async with asyncio.timeout(self._read_timeout):
-                chunk = await request.content.readany()
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                self.failure = BodyIncomplete("the request body stalled; upstream exchange aborted")
+                raise self.failure from None
+            except web.RequestPayloadError:
+                self.failure = BodyIncomplete("the request body breaks its framing")
+                raise self.failure from None
             if not chunk:
                 return
             sent += len(chunk)
             if sent > self._limit:
                 # Cut off at the cap: raising here aborts the upstream exchange.
-                self.overflowed = True
-                raise PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
+                self.failure = PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
+                raise self.failure
             yield chunk
 
 
@@ -288,7 +299,9 @@ async def read_body(request: web.Request, limit: int, read_timeout: float) -> Bo
                 return Body(bytes(buffered))
             buffered += chunk
     except TimeoutError:
-        raise BadRequest("the request body was not received in time") from None
+        raise BodyIncomplete("the request body was not received in time") from None
+    except web.RequestPayloadError:
+        raise BodyIncomplete("the request body breaks its framing") from None
     if len(buffered) > limit:
         raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
     return Body(
@@ -427,15 +440,14 @@ class Proxy:
             response = await self.session.request(
                 method, target, headers=headers, data=body.payload(), allow_redirects=False
             )
-        except PayloadTooLarge:
+        except GatewayError:
             raise
-        except TimeoutError:
-            raise UpstreamTimeout("the upstream did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            if body.overflowed:
-                raise PayloadTooLarge("the request body exceeds the size limit") from None
-            if isinstance(exc.__cause__, PayloadTooLarge):
-                raise exc.__cause__ from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # A body that failed on the caller's side is the caller's error, not the upstream's.
+            if body.failure is not None:
+                raise body.failure from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout("the upstream did not answer in time") from None
             raise UpstreamUnreachable(_describe_client_error(exc)) from None
         self.metrics.upstream_duration.observe(time.perf_counter() - started)
         return response

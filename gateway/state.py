@@ -74,3 +74,5 @@ TOKENS = web.AppKey("tokens", TokenSource)
 KEYS = web.AppKey("keys", KeySource)
 READINESS = web.AppKey("readiness", Readiness)
 CONTEXT = web.RequestKey("context", RequestContext)
+# Set on an answer after which the connection must end at once (its framing is not trusted).
+CLOSE_CONNECTION = web.ResponseKey("close_connection", bool)
