@@ -7,14 +7,18 @@ connection, not a process start.
 
 from __future__ import annotations
 
+import gc
 import io
 import ssl
+import sys
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
+from structlog._config import BoundLoggerLazyProxy
 
 from gateway import logging as gateway_logging
 from gateway.sandbox.apim import SubscriptionKeyPair
@@ -64,14 +68,29 @@ def log_output() -> io.StringIO:
     """Everything the in-process gateway logs during the test, as JSON lines."""
     buffer = io.StringIO()
     gateway_logging.configure("debug", "json", buffer)
+    # configure() caches each module's logger on first use, bound to the stream of that
+    # moment (an earlier test's buffer): drop those caches so this test's buffer sees all.
+    for module in [m for name, m in sys.modules.items() if name.startswith("gateway")]:
+        for value in list(vars(module).values()):
+            if isinstance(value, BoundLoggerLazyProxy):
+                vars(value).pop("bind", None)
     return buffer
 
 
 @pytest.fixture
-async def issuer(issuer: TokenIssuer, ledger: Ledger) -> AsyncIterator[TokenIssuer]:
-    """The conftest's token issuer; every token it issued becomes a canary."""
-    yield issuer
-    ledger.secret(*issuer.issued)
+async def issuer(server_ssl: ssl.SSLContext, ledger: Ledger) -> AsyncIterator[TokenIssuer]:
+    """The TLS token issuer; every token it issued becomes a canary."""
+    token_issuer = TokenIssuer(ClientRegistration(TENANT, CLIENT, client_secret=CANARY_SECRET))
+    runner = await start_app(token_issuer.app(), server_ssl)
+    token_issuer.base_url = base_url(runner, "https")
+    yield token_issuer
+    await runner.cleanup()
+    ledger.secret(*token_issuer.issued)
+    # A TLS connection the client dropped mid-answer (timeouts, HTML faults) leaves its
+    # server-side socket to the garbage collector; reap it here, not in a later test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture
