@@ -89,8 +89,9 @@ def test_forwarded_url_never_leaves_the_base_path(path: str, query: str) -> None
         return
     assert target.raw_path.startswith(BASE.raw_path + "/")
     assert target.raw_authority == BASE.raw_authority
-    assert target.raw_path == BASE.raw_path + path.split("?", 1)[0].split("#", 1)[0]
-    for reading in _resolve_all_ways(path):
+    sent_path = raw_target.partition("?")[0]
+    assert target.raw_path == BASE.raw_path + sent_path
+    for reading in _resolve_all_ways(sent_path):
         assert _normalised(reading).startswith("/base"), (path, reading)
 
 
@@ -98,6 +99,7 @@ def test_forwarded_url_never_leaves_the_base_path(path: str, query: str) -> None
 @given(path=paths)
 def test_climbing_is_detected_in_any_spelling(path: str) -> None:
     """climbs_above_root is True whenever some decoding of the path resolves above the root."""
+    path = path.partition("?")[0]
     escapes = any(
         not _normalised(reading).startswith("/base") for reading in _resolve_all_ways(path)
     )
