@@ -120,6 +120,8 @@ class Metrics:
             self.rate_limited.labels(scope=scope)
         for outcome in ("success", "failure"):
             self.token_requests.labels(outcome=outcome)
+        for reason in ("connect_error", "status_502", "status_503", "status_504"):
+            self.upstream_retries.labels(reason=reason)
         for credential in ("key", "token"):
             self.upstream_auth_rejections.labels(credential=credential)
         self._requests_by: dict[tuple[str, int], Counter] = {}
