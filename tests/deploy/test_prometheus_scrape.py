@@ -67,11 +67,13 @@ async def test_prometheus_scrapes_request_counters(gw: RunningGateway, prometheu
         url = f"{prometheus}/api/v1/query"
         query = 'sum(cigw_requests_total{method="GET",code="200"})'
         try:
-            async with aiohttp.ClientSession() as session:
-                async with session.get(url, params={"query": query}) as response:
-                    if response.status != 200:
-                        return False
-                    result = (await response.json())["data"]["result"]
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(url, params={"query": query}) as response,
+            ):
+                if response.status != 200:
+                    return False
+                result = (await response.json())["data"]["result"]
         except aiohttp.ClientConnectionError:
             return False
         return bool(result) and float(result[0]["value"][1]) >= 5

@@ -80,6 +80,7 @@ class Options:
     write_results: bool = False
     gateway_src: Path = REPO
     profile: str | None = None  # "py-spy" or "pyinstrument": profile the gateway only
+    targets: tuple[str, ...] = ("direct", "nginx", "gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -751,6 +752,7 @@ async def run(opts: Options, say: Callable[[str], None]) -> Report:
         targets.append(Target("gateway", f"http://127.0.0.1:{gateway.port}/ping", gateway.pid))
         if opts.profile:
             targets = targets[-1:]
+        targets = [target for target in targets if target.name in opts.targets]
         report.targets = targets
         calls_loaded = await token_calls(session, issuer.port)
 
@@ -765,7 +767,7 @@ async def run(opts: Options, say: Callable[[str], None]) -> Report:
             report.gateway_rss_peak_load = procfs.peak_rss_bytes(gateway.pid)
             report.token_calls_load = await token_calls(session, issuer.port) - calls_loaded
             report.gateway_requests_counted = await counted_requests(admin)
-            for direction in ("upload", "download"):
+            for direction in ("upload", "download") if opts.stream_bytes else ():
                 stream = await measure_stream(
                     gateway.pid, gateway.port, opts.stream_bytes, direction
                 )
@@ -1126,6 +1128,11 @@ def parse(argv: Sequence[str] | None) -> Options:
         "--gateway-src", type=Path, default=REPO, help="run the gateway package from this folder"
     )
     parser.add_argument(
+        "--targets",
+        default="direct,nginx,gateway",
+        help="comma-separated subset to measure (e.g. gateway, to compare gateway builds)",
+    )
+    parser.add_argument(
         "--profile",
         choices=("py-spy", "pyinstrument"),
         help="profile the saturated gateway instead",
@@ -1141,7 +1148,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "rounds": args.rounds,
         "rate": args.rate,
         "connections": args.connections,
-        "stream_bytes": args.stream_mib * MIB if args.stream_mib else None,
+        "stream_bytes": args.stream_mib * MIB if args.stream_mib is not None else None,
         "tools": args.tools,
         "open_loop": args.open_loop,
         "workers": args.workers,
@@ -1149,6 +1156,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "write_results": args.write_results,
         "gateway_src": args.gateway_src.resolve(),
         "profile": args.profile,
+        "targets": tuple(name.strip() for name in args.targets.split(",")),
     }
     return dataclasses.replace(base, **{k: v for k, v in chosen.items() if v is not None})
 
@@ -1174,6 +1182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = "profile-top.txt" if opts.profile == "py-spy" else "profile-pyinstrument.txt"
         print((opts.out / name).read_text())  # noqa: T201
         return 0
+    for target in report.targets:
+        say(
+            f"{target.name}: max {target.rps:,.0f}/s (rounds "
+            f"{', '.join(f'{rps:,.0f}' for rps in target.throughput)}), "
+            f"p50/p90/p99 {target.percentile(50):.3f}/{target.percentile(90):.3f}/"
+            f"{target.percentile(99):.3f} ms, CPU {target.cpu_per_1000:.3f} s/1000, "
+            f"RSS {_median(target.rss) / 1e6:.1f} MB"
+        )
     plot(report, opts.out / "latency.png")
     text = markdown(report, "latency.png")
     (opts.out / "RESULTS.md").write_text(text)
