@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from tests.servers.upstream import Upstream
 
@@ -224,6 +225,24 @@ RAW_ANSWERS: Mapping[str, bytes] = {
 
 class SecurityUpstream(Upstream):
     """The APIM-like upstream with credential-redacting echoes and raw broken answers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Every request that arrived, including those the APIM guard refused: (method, path, key).
+        self.arrivals: list[tuple[str, str, str | None]] = []
+
+    def app(self) -> web.Application:
+        """The upstream application, with arrivals recorded in front of the APIM guard."""
+        application = super().app()
+
+        @web.middleware
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+            key = request.headers.get("Ocp-Apim-Subscription-Key")
+            self.arrivals.append((request.method, request.raw_path, key))
+            return await handler(request)
+
+        application.middlewares.insert(0, record)
+        return application
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
