@@ -10,7 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from yarl import URL
+
+from tests.poll import eventually
 
 
 @dataclass
@@ -29,6 +32,19 @@ class GatewayProcess:
     def admin(self, path: str) -> str:
         """URL on the admin listener."""
         return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    async def readiness(self) -> int:
+        """The status /readyz answers now."""
+        async with aiohttp.ClientSession() as session, session.get(self.admin("/readyz")) as r:
+            return r.status
+
+    async def wait_ready(self, within: float = 10.0) -> None:
+        """Until /readyz answers 200."""
+        await eventually(lambda: self.readiness_is(200), within=within, step=0.05)
+
+    async def readiness_is(self, status: int) -> bool:
+        """True when /readyz answers `status`."""
+        return await self.readiness() == status
 
     def printed(self) -> str:
         """Everything the process printed so far."""
@@ -63,8 +79,14 @@ async def spawn_gateway(env: dict[str, str], output: Path, *args: str) -> Gatewa
     """Start `python -m gateway serve` and wait until it logs its listening addresses."""
     handle = output.open("wb")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", *args,
-        env=child_env(env), stdout=handle, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        *args,
+        env=child_env(env),
+        stdout=handle,
+        stderr=asyncio.subprocess.STDOUT,
     )
     handle.close()
     child = GatewayProcess(process, output)
@@ -84,8 +106,13 @@ async def spawn_gateway(env: dict[str, str], output: Path, *args: str) -> Gatewa
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     """Run `python -m gateway ARGS` to completion: (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args,
-        env=child_env(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        env=child_env(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode is not None

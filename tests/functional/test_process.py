@@ -64,12 +64,7 @@ async def test_sigterm_drains_in_flight_requests(
     """SIGTERM: not ready at once, new connections refused, in-flight requests finish, exit 0."""
     child = await spawn_gateway(gateway_env, tmp_path / "out.log")
     async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(10):
-            while True:
-                async with session.get(child.admin("/readyz")) as response:
-                    if response.status == 200:
-                        break
-                await asyncio.sleep(0.05)
+        await child.wait_ready()
         in_flight = asyncio.ensure_future(session.get(child.url("/delay?s=1.5")))
         await eventually(lambda: upstream.active > 0)
         child.signal(signal.SIGTERM)
@@ -122,12 +117,7 @@ async def test_secrets_never_appear_in_output(
     child = await spawn_gateway(env, tmp_path / "out.log")
     served: list[str] = []
     async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(10):
-            while True:
-                async with session.get(child.admin("/readyz")) as response:
-                    if response.status == 200:
-                        break
-                await asyncio.sleep(0.05)
+        await child.wait_ready()
         upstream.keys.regenerate("primary")  # forces a fallback and its warning
         # No /echo here: it reflects request headers, as no real upstream would.
         for path in ("/status/200", "/download?size=10", "/../x", "/status/500", "/redirect"):

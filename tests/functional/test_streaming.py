@@ -23,12 +23,7 @@ MAX_RSS_GROWTH = 24 * MIB
 async def child(gateway_env: dict[str, str], tmp_path: Path) -> AsyncIterator[GatewayProcess]:
     """A gateway process (its memory can be read from /proc), ready to serve."""
     process = await spawn_gateway(gateway_env, tmp_path / "gateway.log")
-    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
-        while True:
-            async with session.get(process.admin("/readyz")) as response:
-                if response.status == 200:
-                    break
-            await asyncio.sleep(0.05)
+    await process.wait_ready()
     yield process
     await process.stop()
 
