@@ -1,0 +1,202 @@
+"""Secrets never leak: every credential kind, through success and failure, in every output.
+
+The leak ledger (conftest) scans what each test recorded, and the whole suite's record at
+the end, for the canaries: client secret, certificate password, federated assertion, both
+keys and every token the issuers minted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from gateway.sandbox.issuer import TokenIssuer
+from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
+from tests.security.conftest import CANARY_ASSERTION, CANARY_CERT_PASSWORD, process_env
+from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
+from tests.servers.upstream import Upstream
+
+
+def _certificate() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ci-gateway test client")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def write_credential(directory: Path, kind: str) -> tuple[Path, bytes, str]:
+    """An encrypted PEM or PFX protected by the password canary: (file, cert PEM, key canary)."""
+    key, certificate = _certificate()
+    # A line of the decrypted key, which the gateway holds in memory, is a canary too.
+    key_canary = (
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+        .splitlines()[3]
+    )
+    password = CANARY_CERT_PASSWORD.encode()
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    if kind == "pem":
+        data = (
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(password),
+            )
+            + cert_pem
+        )
+    else:
+        data = pkcs12.serialize_key_and_certificates(
+            b"client", key, certificate, None, serialization.BestAvailableEncryption(password)
+        )
+    path = directory / f"client.{kind}"
+    path.write_bytes(data)
+    return path, cert_pem, key_canary
+
+
+async def check_config(env: Mapping[str, str], ledger: Ledger) -> str:
+    """`python -m gateway check-config` with `env`: its output, recorded for the scan."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "check-config",
+        env={"PATH": "/usr/bin:/bin", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        output, _ = await process.communicate()
+    text = output.decode()
+    ledger.record("check-config", text)
+    assert process.returncode == 0, text
+    return text
+
+
+async def exercise(gateway: GatewayProcess, issuer: TokenIssuer, ledger: Ledger) -> None:
+    """Succeed, fail at the token endpoint, fail at APIM, and read /metrics: all recorded."""
+    proxy = f"http://127.0.0.1:{gateway.proxy_port}"
+    async with aiohttp.ClientSession() as session:
+        await gateway.wait_ready(session)
+        status, _ = await gateway.get(session, f"{proxy}/echo/ok")
+        assert status == 200
+        status, _ = await gateway.get(session, f"{proxy}/status/401")
+        assert status == 401
+        status, _ = await gateway.get(session, f"{proxy}/raw/cr-in-value")
+        assert status == 502
+        status, text = await gateway.get(session, f"http://127.0.0.1:{gateway.admin_port}/metrics")
+        assert status == 200
+        assert "cigw_requests_total" in text
+        await gateway.get(session, f"http://127.0.0.1:{gateway.admin_port}/readyz")
+    assert issuer.issued, "a token was minted, so the token canary is live"
+
+
+@pytest.mark.parametrize("kind", ["pem", "pfx"])
+async def test_certificate_credential_leaks_nothing(
+    *,
+    issuer: TokenIssuer,
+    upstream: Upstream,
+    ledger: Ledger,
+    ca_file: Path,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """An encrypted certificate credential: its password and key never appear in any output."""
+    assert isinstance(upstream, SecurityUpstream)
+    path, cert_pem, key_canary = await asyncio.to_thread(write_credential, tmp_path, kind)
+    ledger.secret(key_canary)
+    issuer.registration.client_secret = None
+    issuer.registration.certificate_pem = cert_pem
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+    del env["AZURE_CLIENT_SECRET"]
+    env["AZURE_CLIENT_CERTIFICATE_PATH"] = str(path)
+    env["AZURE_CLIENT_CERTIFICATE_PASSWORD"] = CANARY_CERT_PASSWORD
+    text = await check_config(env, ledger)
+    assert "(set, redacted)" in text
+    issuer.faults.status, issuer.faults.error = 401, "invalid_client"
+    issuer.faults.aadsts = "AADSTS700027"
+    gateway = await GatewayProcess.start(env, ledger)
+    try:
+        proxy = f"http://127.0.0.1:{gateway.proxy_port}"
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            while not gateway.logged("token_acquisition_failed"):  # noqa: ASYNC110 - child's log
+                await asyncio.sleep(0.02)
+            status, body = await gateway.get(session, f"{proxy}/echo/refused")
+        assert status == 503
+        assert "AADSTS700027" in body
+        issuer.faults.clear()
+        await exercise(gateway, issuer, ledger)
+    finally:
+        await gateway.stop()
+    ledger.secret(*issuer.issued)
+
+
+async def test_federated_credential_leaks_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path, tmp_path: Path
+) -> None:
+    """A workload-identity assertion: never in output, answers or metrics, even when refused."""
+    token_file = tmp_path / "azure-identity-token"
+    await asyncio.to_thread(token_file.write_text, CANARY_ASSERTION + "\n")
+    issuer.registration.client_secret = None
+    issuer.registration.federated_assertion = CANARY_ASSERTION
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+    del env["AZURE_CLIENT_SECRET"]
+    env["AZURE_FEDERATED_TOKEN_FILE"] = str(token_file)
+    await check_config(env, ledger)
+    issuer.registration.federated_assertion = "a-different-assertion"  # refused first
+    gateway = await GatewayProcess.start(env, ledger)
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            while not gateway.logged("token_acquisition_failed"):  # noqa: ASYNC110 - child's log
+                await asyncio.sleep(0.02)
+            status, body = await gateway.get(
+                session, f"http://127.0.0.1:{gateway.proxy_port}/echo/refused"
+            )
+        assert status == 503
+        assert "AADSTS700211" in body
+        issuer.registration.federated_assertion = CANARY_ASSERTION
+        await exercise(gateway, issuer, ledger)
+    finally:
+        await gateway.stop()
+    ledger.secret(*issuer.issued)
+
+
+async def test_client_secret_and_keys_leak_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path
+) -> None:
+    """Client secret and both keys: absent from check-config, logs, answers and metrics."""
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+    text = await check_config(env, ledger)
+    for canary in (CANARY_SECRET, CANARY_PRIMARY, CANARY_SECONDARY):
+        assert canary not in text
+    gateway = await GatewayProcess.start(env, ledger)
+    try:
+        await exercise(gateway, issuer, ledger)
+    finally:
+        await gateway.stop()
+    ledger.secret(*issuer.issued)
+    assert ledger.leaks() == []
