@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -207,6 +208,11 @@ def _redacted(headers: list[list[str]]) -> list[list[str]]:
         else [name, value]
         for name, value in headers
     ]
+
+
+def key_name(piece: str) -> str:
+    """A query parameter's name as the most lenient server would read it."""
+    return unquote_plus(piece.split("=", 1)[0]).strip().lstrip("?").strip().lower()
 
 
 def fingerprint(value: str) -> str:
