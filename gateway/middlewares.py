@@ -78,10 +78,11 @@ def access_log_and_metrics(metrics: Metrics) -> Middleware:
 async def error_mapping(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The only place that renders the gateway's own errors as JSON."""
     ctx = request[CONTEXT]
+    if request.method == "CONNECT":
+        # Answered before routing's verdict is used: CONNECT's target is an authority.
+        ctx.error_code = MethodNotAllowed.code
+        return render_error(MethodNotAllowed("CONNECT is not supported: this is not a tunnel"))
     try:
-        if request.method == "CONNECT":
-            # Checked before routing's verdict is used: CONNECT's target is an authority.
-            raise MethodNotAllowed("CONNECT is not supported: the gateway is not a tunnel")
         return await handler(request)
     except GatewayError as exc:
         if ctx.response_started:

@@ -48,9 +48,7 @@ class SubscriptionKeyPair:
         return any(secrets.compare_digest(key, valid) for valid in (self.primary, self.secondary))
 
 
-def apim_guard(
-    keys: SubscriptionKeyPair | None, verify_token: Callable[[str], bool]
-) -> Middleware:
+def apim_guard(keys: SubscriptionKeyPair | None, verify_token: Callable[[str], bool]) -> Middleware:
     """Reject like APIM: the key first (missing/invalid), then the bearer token.
 
     With `keys` None only the bearer token is checked, as an API without APIM in front
