@@ -126,6 +126,8 @@ HEADER_SYNTAX = [
     Case("http09", b"GET /echo/x\r\n\r\n"),
     Case("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
     Case("unknown-version", b"GET /echo/x HTTP/1.7\r\nHost: gateway\r\n\r\n"),
+    Case("non-utf8-header-value", get(b"Accept: \x90/*\r\n")),  # found by the fuzz
+    Case("non-ascii-target", get(target=b"/echo/\xb7x")),  # found by the fuzz
     Case("lowercase-method-junk", b"G\x00ET /echo/x HTTP/1.1\r\nHost: gateway\r\n\r\n"),
 ]
 
