@@ -81,6 +81,8 @@ class Options:
     gateway_src: Path = REPO
     profile: str | None = None  # "py-spy" or "pyinstrument": profile the gateway only
     targets: tuple[str, ...] = ("direct", "nginx", "gateway")
+    extra_env: tuple[tuple[str, str], ...] = ()  # more gateway environment (experiments)
+    candidate_src: Path | None = None  # a second gateway build, measured alongside
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,7 @@ class Service:
     name: str
     process: asyncio.subprocess.Process
     port: int
+    lines: int = 0  # lines written to standard output (the gateway's access log)
 
     @property
     def pid(self) -> int:
@@ -318,11 +321,16 @@ def gateway_env(
     }
     if opts.workers > 1:
         env["CIGW_WORKERS"] = str(opts.workers)
+    env.update(opts.extra_env)
     return env
 
 
 async def start_gateway(
-    stack: contextlib.AsyncExitStack, opts: Options, env: dict[str, str], workdir: Path
+    stack: contextlib.AsyncExitStack,
+    opts: Options,
+    env: dict[str, str],
+    workdir: Path,
+    name: str = "gateway",
 ) -> tuple[Service, float]:
     """The gateway as a subprocess; returns it and the seconds from exec to /readyz 200."""
     command = [sys.executable, "-m", "gateway", "serve"]
@@ -337,15 +345,20 @@ async def start_gateway(
         # Its own folder first on sys.path: --gateway-src measures a scratch copy.
         cwd=opts.gateway_src,
         env=env,
-        stdout=asyncio.subprocess.DEVNULL,  # the access log: formatted and written, then dropped
-        stderr=(workdir / "gateway-stderr.log").open("wb"),
+        # A pipe, read as a container runtime reads it: each line costs the gateway a write
+        # into a pipe with a reader, not into /dev/null.
+        stdout=asyncio.subprocess.PIPE,
+        stderr=(workdir / f"{name}-stderr.log").open("wb"),
     )
-    service = Service("gateway", process, int(env["CIGW_LISTEN"].rsplit(":", 1)[1]))
+    service = Service(name, process, int(env["CIGW_LISTEN"].rsplit(":", 1)[1]))
+    assert process.stdout is not None
+    drain = asyncio.ensure_future(count_lines(process.stdout, service))
+    stack.push_async_callback(_finish, drain)  # runs after stop (callbacks run last-in first)
     stack.push_async_callback(service.stop)
     async with aiohttp.ClientSession() as session:
         while True:
             if process.returncode is not None:
-                raise RuntimeError(f"the gateway exited; see {workdir / 'gateway-stderr.log'}")
+                raise RuntimeError(f"{name} exited; see {workdir / f'{name}-stderr.log'}")
             if time.perf_counter() - started > 30:
                 raise RuntimeError("the gateway did not become ready within 30 s")
             with contextlib.suppress(aiohttp.ClientError):
@@ -353,6 +366,17 @@ async def start_gateway(
                     if response.status == 200:
                         return service, time.perf_counter() - started
             await asyncio.sleep(0.005)
+
+
+async def count_lines(stream: asyncio.StreamReader, service: Service) -> None:
+    """Read the gateway's log pipe to its end, counting lines."""
+    while chunk := await stream.read(1 << 16):
+        service.lines += chunk.count(b"\n")
+
+
+async def _finish(task: asyncio.Future[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
 
 
 # --------------------------------------------------------------------------- load
@@ -648,6 +672,7 @@ class Report:
     gateway_rss_idle: int = 0
     gateway_rss_peak_load: int = 0
     gateway_requests_counted: float = math.nan
+    log_lines: int = 0
     streams: list[StreamResult] = field(default_factory=list)
     started_at: str = ""
     wall_s: float = 0.0
@@ -753,6 +778,23 @@ async def run(opts: Options, say: Callable[[str], None]) -> Report:
         if opts.profile:
             targets = targets[-1:]
         targets = [target for target in targets if target.name in opts.targets]
+        if opts.candidate_src is not None:
+            # A second build measured in the same alternating rounds: background load hits
+            # both alike, so their ratio holds where absolute figures drift.
+            candidate_opts = dataclasses.replace(opts, gateway_src=opts.candidate_src)
+            candidate_env = {
+                **env,
+                "PYTHONPATH": str(opts.candidate_src),
+                "CIGW_LISTEN": f"127.0.0.1:{free_port()}",
+                "CIGW_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+            }
+            candidate, seconds = await start_gateway(
+                stack, candidate_opts, candidate_env, workdir, name="candidate"
+            )
+            say(f"candidate ({opts.candidate_src}) ready in {seconds:.2f} s")
+            targets.append(
+                Target("candidate", f"http://127.0.0.1:{candidate.port}/ping", candidate.pid)
+            )
         report.targets = targets
         calls_loaded = await token_calls(session, issuer.port)
 
@@ -767,6 +809,8 @@ async def run(opts: Options, say: Callable[[str], None]) -> Report:
             report.gateway_rss_peak_load = procfs.peak_rss_bytes(gateway.pid)
             report.token_calls_load = await token_calls(session, issuer.port) - calls_loaded
             report.gateway_requests_counted = await counted_requests(admin)
+            await asyncio.sleep(1)  # the log may be flushed lazily
+            report.log_lines = gateway.lines
             for direction in ("upload", "download") if opts.stream_bytes else ():
                 stream = await measure_stream(
                     gateway.pid, gateway.port, opts.stream_bytes, direction
@@ -1034,8 +1078,8 @@ def markdown(report: Report, plot_name: str) -> str:
     if gateway:
         check += (
             f". The gateway's own metrics counted {report.gateway_requests_counted:,.0f} "
-            f"requests; the measured rounds sent it {gateway.requests + gateway.closed_requests:,}"
-            " (plus warm-up)"
+            f"requests and it wrote {report.log_lines:,} log lines; the measured rounds sent "
+            f"it {gateway.requests + gateway.closed_requests:,} (plus warm-up)"
         )
     return "\n".join(
         [
@@ -1128,6 +1172,18 @@ def parse(argv: Sequence[str] | None) -> Options:
         "--gateway-src", type=Path, default=REPO, help="run the gateway package from this folder"
     )
     parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateway (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
+    parser.add_argument(
+        "--candidate-src",
+        type=Path,
+        help="also measure the gateway package in this folder, in the same rounds (A/B)",
+    )
+    parser.add_argument(
         "--targets",
         default="direct,nginx,gateway",
         help="comma-separated subset to measure (e.g. gateway, to compare gateway builds)",
@@ -1156,7 +1212,9 @@ def parse(argv: Sequence[str] | None) -> Options:
         "write_results": args.write_results,
         "gateway_src": args.gateway_src.resolve(),
         "profile": args.profile,
+        "candidate_src": args.candidate_src.resolve() if args.candidate_src else None,
         "targets": tuple(name.strip() for name in args.targets.split(",")),
+        "extra_env": tuple(tuple(item.split("=", 1)) for item in args.env) or None,
     }
     return dataclasses.replace(base, **{k: v for k, v in chosen.items() if v is not None})
 
@@ -1189,6 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"p50/p90/p99 {target.percentile(50):.3f}/{target.percentile(90):.3f}/"
             f"{target.percentile(99):.3f} ms, CPU {target.cpu_per_1000:.3f} s/1000, "
             f"RSS {_median(target.rss) / 1e6:.1f} MB"
+            + (f" (idle {report.gateway_rss_idle / 1e6:.1f})" if target.name == "gateway" else "")
         )
     plot(report, opts.out / "latency.png")
     text = markdown(report, "latency.png")
