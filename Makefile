@@ -8,6 +8,8 @@ HELM   := $(BIN)/helm
 
 .PHONY: install test lint typecheck unit serve sandbox bench fuzz clean
 
+FUZZ_SECONDS ?= 300
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,11 @@ serve: $(STAMP)
 
 sandbox: $(STAMP)
 	$(BIN)/ci-gateway sandbox
+
+# A longer run of the raw-request fuzzer (make test runs it for 10 s);
+# replay a failure with CIGW_FUZZ_SEED=<seed from its message>.
+fuzz: $(STAMP)
+	CIGW_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/security/test_fuzz.py -p no:randomly -o timeout=0 -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

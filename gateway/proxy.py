@@ -94,6 +94,10 @@ def build_target(base: URL, raw_target: str) -> URL:
     """
     if not raw_target.startswith("/"):
         raise BadRequest("only origin-form request targets (starting with /) are accepted")
+    if not (raw_target.isascii() and raw_target.isprintable()):
+        # The C parser hands raw non-ASCII bytes through (surrogate-escaped); they would
+        # fail later as a 500, or reach an upstream that decodes them its own way.
+        raise BadRequest("the request target must be printable ASCII (percent-encode the rest)")
     path, _, query = raw_target.partition("?")
     if "#" in raw_target:
         raise BadRequest("a request target must not contain a fragment")
@@ -132,12 +136,18 @@ def strip_key_param(query: str) -> str:
     """The raw query without any subscription-key parameter, otherwise byte-exact."""
     if not query or KEY_QUERY not in unquote(query).lower():
         return query
-    kept = [
-        part
-        for part in query.split("&")
-        if unquote(part.split("=", 1)[0].replace("+", " ")).strip().lower() != KEY_QUERY
-    ]
+    kept = [part for part in query.split("&") if not _names_key(part)]
     return "&".join(kept)
+
+
+def _names_key(part: str) -> bool:
+    # Lenient readings too: a ";" separator (some frameworks split on it) and leading "?"
+    # (a target such as "/x??subscription-key=…", which some parsers strip).
+    return any(
+        unquote(piece.split("=", 1)[0].replace("+", " ")).strip().lstrip("?").strip().lower()
+        == KEY_QUERY
+        for piece in part.split(";")
+    )
 
 
 # --------------------------------------------------------------------------- header policy
@@ -160,6 +170,15 @@ def check_message(version: aiohttp.HttpVersion, headers: CIMultiDictProxy[str]) 
         raise MalformedRequest("Transfer-Encoding must be exactly 'chunked', on HTTP/1.1")
     if any("_" in name for name in headers):
         raise MalformedRequest("header names with underscores are refused")
+    for name, value in headers.items():
+        if not (name.isascii() and value.isascii()):
+            # Bytes that are not UTF-8 arrive surrogate-escaped; the two parsers then
+            # disagree on what to do with them, so such a request is not forwarded.
+            try:
+                name.encode()
+                value.encode()
+            except UnicodeEncodeError:
+                raise MalformedRequest("header fields must be valid UTF-8") from None
 
 
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
