@@ -121,7 +121,9 @@ def create_app(
     proxy_app[TOKENS] = tokens
     proxy_app[KEYS] = keys
     proxy_app[READINESS] = readiness
-    proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    proxy_app.router.add_route(
+        "*", "/{tail:.*}", proxy.handle, expect_handler=middlewares.expect_continue
+    )
     trust = settings.upstream_trust
     # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
     upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)

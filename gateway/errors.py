@@ -65,6 +65,14 @@ class MethodNotAllowed(GatewayError):
     close_connection = True
 
 
+class ExpectationFailed(GatewayError):
+    """An Expect header other than 100-continue."""
+
+    status = 417
+    code = "expectation_failed"
+    close_connection = True  # the body that may follow was never asked for
+
+
 class PayloadTooLarge(GatewayError):
     """The request body exceeds CIGW_MAX_BODY_BYTES."""
 

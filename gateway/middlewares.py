@@ -8,10 +8,16 @@ import uuid
 from asyncio import CancelledError
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, RateLimited
+from gateway.errors import (
+    BadRequest,
+    ExpectationFailed,
+    GatewayError,
+    MethodNotAllowed,
+    RateLimited,
+)
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import LocalLimiter, UpstreamHold
@@ -96,6 +102,12 @@ async def error_mapping(request: web.Request, handler: Handler) -> web.StreamRes
         return render_error(
             BadRequest("only origin-form request targets (starting with /) are accepted")
         )
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (an Expect other than 100-continue: 417) in the JSON shape.
+        error = GatewayError(exc.reason)
+        error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
+        ctx.error_code = error.code
+        return render_error(error)
     except Exception:
         if ctx.response_started:
             raise
@@ -115,6 +127,21 @@ def render_error(exc: GatewayError) -> web.Response:
         response.force_close()
         response[CLOSE_CONNECTION] = True
     return response
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's Expect handling, with the gateway's JSON refusal.
+
+    It runs before any middleware; aiohttp's default builds its 417 text from the header
+    value, which fails (a 500) when that value holds bytes that are not UTF-8.
+    """
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the real answer's headers are still to come
+        return None
+    return render_error(ExpectationFailed("only 'Expect: 100-continue' is supported"))
 
 
 def rate_limit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
@@ -155,4 +156,18 @@ async def test_connect_is_refused(gw: RunningGateway, upstream: Upstream) -> Non
     async with gw.session.request("CONNECT", gw.url("/x")) as response:
         assert response.status == 405
         assert (await response.json())["error"]["code"] == "method_not_allowed"
+    assert upstream.seen == []
+
+
+async def test_unknown_expectation_is_417(gw: RunningGateway, upstream: Upstream) -> None:
+    """An Expect other than 100-continue gets a JSON 417, not a 500, and nothing goes upstream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(
+        b"POST /echo/x HTTP/1.1\r\nHost: x\r\nExpect: 100-c\xb9ntinue\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"417"
     assert upstream.seen == []
