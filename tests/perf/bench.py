@@ -83,6 +83,7 @@ class Options:
     targets: tuple[str, ...] = ("direct", "nginx", "gateway")
     extra_env: tuple[tuple[str, str], ...] = ()  # more gateway environment (experiments)
     candidate_src: Path | None = None  # a second gateway build, measured alongside
+    profile_at_rate: bool = False  # profile at the fixed rate instead of saturated
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,7 +870,10 @@ async def profile_gateway(tools: Tools, opts: Options, target: Target, workdir: 
         stderr=(workdir / "py-spy.log").open("wb"),
     )
     await asyncio.sleep(0.5)  # let py-spy attach
-    await measure_throughput(tools, opts, target)
+    if opts.profile_at_rate:
+        await measure_latency(tools, opts, target)
+    else:
+        await measure_throughput(tools, opts, target)
     await sampler.wait()
     (opts.out / "profile-top.txt").write_text(summarise_collapsed(raw.read_text()))
 
@@ -953,18 +957,28 @@ def comparison_table(report: Report) -> list[str]:
     if direct is None or gateway is None:
         return []
     rate = report.opts.rate
+    candidate = report.target("candidate")
 
     def row(label: str, get: Callable[[Target], float], fmt: Callable[[float], str]) -> str:
         d, g = get(direct), get(gateway)
         n = get(nginx) if nginx is not None else math.nan
-        return f"| {label} | {fmt(d)} | {fmt(n)} | {fmt(g)} | {_ratio(g, d)} | {_ratio(g, n)} |"
+        line = f"| {label} | {fmt(d)} | {fmt(n)} | {fmt(g)} | {_ratio(g, d)} | {_ratio(g, n)} |"
+        if candidate is not None:
+            c = get(candidate)
+            line += f" {fmt(c)} | {_ratio(c, d)} | {_ratio(c, g)} |"
+        return line
+
+    header = ["| | direct | nginx | gateway | gateway/direct | gateway/nginx |"]
+    header.append("|---|---:|---:|---:|---:|---:|")
+    if candidate is not None:
+        header[0] += " candidate | candidate/direct | candidate/gateway |"
+        header[1] += "---:|---:|---:|"
 
     def at(q: float) -> Callable[[Target], float]:
         return lambda target: target.percentile(q)
 
     return [
-        "| | direct | nginx | gateway | gateway/direct | gateway/nginx |",
-        "|---|---:|---:|---:|---:|---:|",
+        *header,
         row("max throughput, req/s (median of rounds)", lambda t: t.rps, _count),
         *(row(f"latency p{q:g} at {rate:g} req/s, ms", at(q), _ms) for q in PERCENTILES),
         row(
@@ -1179,6 +1193,11 @@ def parse(argv: Sequence[str] | None) -> Options:
         help="extra environment for the gateway (repeatable), e.g. MALLOC_ARENA_MAX=2",
     )
     parser.add_argument(
+        "--profile-at-rate",
+        action="store_true",
+        help="with --profile: load at the fixed --rate instead of saturating",
+    )
+    parser.add_argument(
         "--candidate-src",
         type=Path,
         help="also measure the gateway package in this folder, in the same rounds (A/B)",
@@ -1212,6 +1231,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "write_results": args.write_results,
         "gateway_src": args.gateway_src.resolve(),
         "profile": args.profile,
+        "profile_at_rate": args.profile_at_rate,
         "candidate_src": args.candidate_src.resolve() if args.candidate_src else None,
         "targets": tuple(name.strip() for name in args.targets.split(",")),
         "extra_env": tuple(tuple(item.split("=", 1)) for item in args.env) or None,
