@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from gateway.config import Settings, load
 from gateway.errors import ConfigError
 
 EXIT_CONFIG = 2
+log = gateway_logging.get_logger("cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,28 +77,71 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the subscription key files."""
-    return _run_loop(_serve(settings))
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the subscription key files.
+
+    With CIGW_WORKERS=N the process forks N-1 workers before any thread or event loop
+    exists. They share nothing but the listening ports (SO_REUSEPORT: the kernel spreads
+    connections): each gets its own token, keys and metrics. This process serves too and
+    relays signals; when a worker dies unasked, all stop, so the platform restarts the pod.
+    """
+    workers: list[int] = []
+    gateway_logging.flush()  # or the workers would each write out a copy of what is buffered
+    for _ in range(settings.workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = _run_loop(_serve(settings, []))
+            gateway_logging.flush()  # os._exit skips the interpreter's own flush
+            os._exit(code)
+        workers.append(pid)
+    code = _run_loop(_serve(settings, workers))
+    for pid in workers:
+        _, status = os.waitpid(pid, 0)
+        code = code or os.waitstatus_to_exitcode(status)
+    return code
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, workers: list[int]) -> int:
     from gateway.app import create_app, serve
 
     gateway = create_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    failed = False
+
+    def relay(signum: int) -> None:
+        stop.set()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, relay, signum)
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_keys() -> None:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
         task = loop.create_task(gateway.keys.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def worker_exited(pidfd: int) -> None:
+        nonlocal failed
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not stop.is_set():
+            log.error("worker_exited", hint="stopping every worker so the pod restarts")
+            failed = True
+            relay(signal.SIGTERM)
+
     loop.add_signal_handler(signal.SIGHUP, reload_keys)
+    for pid in workers:
+        # A pidfd turns readable when the process exits (uvloop keeps SIGCHLD for itself).
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, worker_exited, pidfd)
     await serve(gateway, stop)
-    return 0
+    return 1 if failed else 0
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import yaml
 from yarl import URL
 
 from gateway.credentials import CertificateError, Secret, load_certificate
@@ -414,6 +413,8 @@ def _merge_sources(
 
 
 def _read_yaml(path: Path, problems: list[str]) -> dict[str, str]:
+    import yaml  # only with a config file: most pods are configured by environment alone
+
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

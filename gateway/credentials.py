@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.hazmat.primitives.serialization import pkcs12
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
 class Secret:
@@ -69,6 +68,11 @@ class CertificateError(ValueError):
 
 def load_certificate(path: Path, password: Secret | None) -> CertificateCredential:
     """Read a PEM (key + certificate) or PFX file into a credential."""
+    # Imported here: cryptography (its own OpenSSL, ~8 MB resident) serves only
+    # certificate credentials, and most pods use a secret or workload identity.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     data = path.read_bytes()
     secret = password.reveal().encode() if password else None
     if b"-----BEGIN" in data:
@@ -89,6 +93,9 @@ def load_certificate(path: Path, password: Secret | None) -> CertificateCredenti
 
 
 def _from_pem(data: bytes, password: bytes | None) -> tuple[PrivateKeyTypes, x509.Certificate]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(data, password)
     except (ValueError, TypeError):
@@ -103,6 +110,8 @@ def _from_pem(data: bytes, password: bytes | None) -> tuple[PrivateKeyTypes, x50
 
 
 def _from_pfx(data: bytes, password: bytes | None) -> tuple[PrivateKeyTypes, x509.Certificate]:
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     try:
         key, cert, _ = pkcs12.load_key_and_certificates(data, password)
     except ValueError:

@@ -24,6 +24,7 @@ from gateway import logging as gateway_logging
 from gateway.app import Gateway, create_app, serve
 from gateway.sandbox.apim import SubscriptionKeyPair
 from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
+from tests.process import SPAWNED
 from tests.servers.upstream import Upstream
 
 TENANT = "72f988bf-0000-4000-8000-00000000cafe"
@@ -39,6 +40,18 @@ def blockbuster() -> Iterator[BlockBuster]:
     """Fail any test whose event loop makes a blocking call (aiohttp's own suite does this)."""
     with blockbuster_ctx(scanned_modules=["gateway"]) as bb:
         yield bb
+
+
+@pytest.fixture(autouse=True)
+async def reap_gateway_processes() -> AsyncIterator[None]:
+    """Kill gateway child processes a test left running (a failed assertion skips its stop)."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
 
 
 @pytest.fixture(autouse=True)

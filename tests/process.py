@@ -69,6 +69,11 @@ class GatewayProcess:
             return await self.process.wait()
 
 
+# Every child started here; the `reap_gateway_processes` fixture ends those a failed test
+# left running.
+SPAWNED: list[asyncio.subprocess.Process] = []
+
+
 def child_env(env: dict[str, str]) -> dict[str, str]:
     """The variables a child needs to run, plus `env`; nothing else leaks in from the test."""
     keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
@@ -89,6 +94,7 @@ async def spawn_gateway(env: dict[str, str], output: Path, *args: str) -> Gatewa
         stderr=asyncio.subprocess.STDOUT,
     )
     handle.close()
+    SPAWNED.append(process)
     child = GatewayProcess(process, output)
     async with asyncio.timeout(15):
         while not child.proxy_port:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -143,3 +145,61 @@ async def test_python_dash_m_gateway_is_the_console_script() -> None:
     code, out, _ = await run_cli({}, "--version")
     assert code == 0
     assert out.startswith("ci-gateway ")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
+async def test_workers_share_the_port_and_stop_together(
+    gateway_env: dict[str, str], upstream: Upstream, tmp_path: Path
+) -> None:
+    """CIGW_WORKERS=2: two processes serve one port, each with its own token; SIGTERM stops both."""
+    port, admin = _free_port(), _free_port()
+    env = {
+        **gateway_env,
+        "CIGW_WORKERS": "2",
+        "CIGW_LISTEN": f"127.0.0.1:{port}",
+        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+    }
+    child = await spawn_gateway(env, tmp_path / "out.log")
+    await child.wait_ready()
+    (worker,) = _children(child.process.pid)
+    await eventually(lambda: child.printed().count('"token_acquired"') == 2)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(20):
+            # A new connection each time, so the kernel spreads them over both processes.
+            async with session.get(child.url("/echo/w"), headers={"Connection": "close"}) as r:
+                assert r.status == 200
+    # Each worker holds its own token: two tokens seen means both processes served.
+    assert len({seen.header_values("Authorization")[0] for seen in upstream.seen}) == 2
+    assert await child.stop() == 0
+    assert not await asyncio.to_thread(Path(f"/proc/{worker}").exists)  # reaped by the parent
+
+
+async def test_a_dead_worker_stops_all_so_the_pod_restarts(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    """When a worker dies unasked, the others stop and the process exits 1."""
+    port, admin = _free_port(), _free_port()
+    env = {
+        **gateway_env,
+        "CIGW_WORKERS": "2",
+        "CIGW_LISTEN": f"127.0.0.1:{port}",
+        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+    }
+    child = await spawn_gateway(env, tmp_path / "out.log")
+    await child.wait_ready()
+    (worker,) = _children(child.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        assert await child.process.wait() == 1
+    assert "worker_exited" in child.printed()
