@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import re
 import ssl
 import time
@@ -86,13 +87,7 @@ def create_app(
     metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
     hold = UpstreamHold(monotonic)
     metrics.upstream_hold.set_function(hold.remaining)
-    limiter = LocalLimiter(
-        rps=settings.rate_limit_rps,
-        burst=settings.rate_limit_burst,
-        caller_rps=settings.rate_limit_caller_rps,
-        caller_burst=settings.rate_limit_caller_burst,
-        clock=monotonic,
-    )
+    limiter = worker_limiter(settings, monotonic)
     caller_header = settings.rate_limit_caller_header
     proxy = Proxy(
         settings=settings,
@@ -141,6 +136,23 @@ def create_app(
     admin_app[READINESS] = readiness
     admin_app.add_routes(admin.routes())
     return Gateway(settings, metrics, tokens, keys, readiness, proxy_app, admin_app)
+
+
+def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalLimiter:
+    """This process's share of the configured limits.
+
+    With CIGW_WORKERS=N each worker keeps its own buckets and the kernel spreads connections
+    evenly, so each gets 1/N of every rate and burst (bursts rounded up): together they
+    enforce the configured figures.
+    """
+    workers = settings.workers
+    return LocalLimiter(
+        rps=settings.rate_limit_rps / workers,
+        burst=math.ceil(settings.rate_limit_burst / workers),
+        caller_rps=settings.rate_limit_caller_rps / workers,
+        caller_burst=math.ceil(settings.rate_limit_caller_burst / workers),
+        clock=monotonic,
+    )
 
 
 def _client_session(

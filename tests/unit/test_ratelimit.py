@@ -6,6 +6,8 @@ import tracemalloc
 
 import pytest
 
+from gateway import config
+from gateway.app import worker_limiter
 from gateway.ratelimit import LocalLimiter, Refusal, RetryBudget, TokenBucket, UpstreamHold
 from tests.clock import FakeClock
 
@@ -132,3 +134,22 @@ def test_retry_budget_floor_lets_a_quiet_gateway_retry() -> None:
     budget = RetryBudget(clock=FakeClock(), min_retries=3)
     budget.record_request()
     assert [budget.try_spend() for _ in range(4)] == [True, True, True, False]
+
+
+def test_workers_share_the_configured_limits() -> None:
+    """With CIGW_WORKERS=2 each worker enforces half of every rate and burst."""
+    settings = config.load(
+        {
+            "AZURE_TENANT_ID": "t",
+            "AZURE_CLIENT_ID": "c",
+            "AZURE_CLIENT_SECRET": "s" * 12,
+            "CIGW_WORKERS": "2",
+            "CIGW_RATE_LIMIT_RPS": "10",
+            "CIGW_RATE_LIMIT_BURST": "5",
+        }
+    )
+    clock = FakeClock()
+    limiter = worker_limiter(settings, clock)
+    assert [limiter.check(None) is None for _ in range(4)] == [True, True, True, False]
+    clock.now += 1.0
+    assert sum(1 for _ in range(10) if limiter.check(None) is None) == 3  # 5/s, burst 3
