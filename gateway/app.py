@@ -102,16 +102,7 @@ def create_app(
     )
 
     proxy_app = web.Application(
-        middlewares=[
-            # 1. Request context first: every later layer and log line sees the request ID.
-            middlewares.request_context,
-            # 2. Access log and metrics wrap everything below, so refusals are counted too.
-            middlewares.access_log_and_metrics(metrics),
-            # 3. Error mapping turns GatewayError raised anywhere below into JSON.
-            middlewares.error_mapping,
-            # 4. Rate limiting last: a 429 is decided before any body read or upstream I/O.
-            middlewares.rate_limit(limiter, hold, metrics, caller_header),
-        ],
+        middlewares=[middlewares.proxy_middleware(metrics, limiter, hold, caller_header)]
     )
     proxy_app[SETTINGS] = settings
     proxy_app[METRICS] = metrics
