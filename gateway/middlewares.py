@@ -88,7 +88,8 @@ def _start_context(request: web.Request) -> RequestContext:
     request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
     ctx = RequestContext(request_id)
     request[CONTEXT] = ctx
-    structlog.contextvars.clear_contextvars()
+    # Rebinding replaces the previous request's ID on a kept-alive connection's task;
+    # nothing else is bound per request, so no clear_contextvars (it walks every variable).
     structlog.contextvars.bind_contextvars(request_id=request_id)
     return ctx
 

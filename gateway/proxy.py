@@ -114,6 +114,8 @@ def build_target(base: URL, raw_target: str) -> URL:
 
 def climbs_above_root(path: str) -> bool:
     """True when resolving dot-segments, as any upstream might decode them, leaves the root."""
+    if "." not in path and "%" not in path:
+        return False  # the common case: no dot-segment can hide in it
     decoded = path
     for _ in range(3):  # double-encoded dots (%252e) count too: some servers decode twice
         once = unquote(decoded)
@@ -134,7 +136,11 @@ def climbs_above_root(path: str) -> bool:
 
 def strip_key_param(query: str) -> str:
     """The raw query without any subscription-key parameter, otherwise byte-exact."""
-    if not query or KEY_QUERY not in unquote(query).lower():
+    if (
+        not query
+        or ("%" not in query and "subscription" not in query.lower())
+        or KEY_QUERY not in unquote(query).lower()
+    ):
         return query
     kept = [part for part in query.split("&") if not _names_key(part)]
     return "&".join(kept)
