@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import math
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -14,22 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import http_parser, web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_request import BaseRequest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, middlewares
 from gateway import logging as gateway_logging
 from gateway.config import Settings
-from gateway.errors import GatewayError, HeaderFieldsTooLarge, MalformedRequest, UriTooLong
 from gateway.keys import SubscriptionKeys
+from gateway.listener import (
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_LINE_SIZE,
+    ProxyRunner,
+    http_parser_in_use,
+)
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
 from gateway.state import (
-    CLOSE_CONNECTION,
     KEYS,
     METRICS,
     READINESS,
@@ -40,15 +42,6 @@ from gateway.state import (
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 
 log = get_logger("app")
-
-# Request-line and header limits, explicit so they are documented and tested (README,
-# SECURITY.md). Past them the parser refuses the request before any handler runs, and
-# _ProxyRequestHandler answers 414 or 431. The two sizes differ on purpose: llhttp tells
-# which line overflowed only by the limit it reports.
-MAX_LINE_SIZE = 8192
-MAX_FIELD_SIZE = 8190
-MAX_HEADERS = 100
-_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:(?!//)")
 
 
 @dataclass(slots=True)
@@ -205,7 +198,7 @@ async def serve(
 ) -> None:
     """Run both listeners until `stop` is set, then shut down gracefully."""
     settings = gateway.settings
-    proxy_runner = _ProxyRunner(
+    proxy_runner = ProxyRunner(
         gateway.proxy_app,
         handle_signals=False,
         access_log=None,  # the access middleware writes the one line per request
@@ -266,77 +259,6 @@ async def serve(
         # 3. the admin listener goes last, so probes see "draining" until the end.
         await admin_runner.cleanup()
         log.info("shutdown_complete")
-
-
-class _ProxyRequestHandler(web.RequestHandler):
-    """The proxy listener's connection handler: refused requests get the gateway's JSON."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """Parser refusals become 400/414/431 JSON answers that close the connection."""
-        if not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
-        error = _refusal(exc)
-        # aiohttp's own answer and log line quote the offending bytes, which may hold a
-        # caller's credentials; this one names only the kind of problem.
-        log.warning("malformed_request", status=error.status, reason=type(exc).__name__)
-        return middlewares.render_error(error)
-
-    async def finish_response(
-        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """Send the answer; end the connection at once when the answer says so."""
-        result = await super().finish_response(request, resp, start_time)
-        if resp.get(CLOSE_CONNECTION):
-            # Without this aiohttp keeps reading ("lingering") up to 10 s to drain a body
-            # whose framing was just refused, or the tunnel bytes after a CONNECT.
-            self.force_close()
-        return result
-
-
-def _refusal(exc: HttpProcessingError) -> GatewayError:
-    if isinstance(exc, LineTooLong):
-        excerpt = exc.args[0] if exc.args and isinstance(exc.args[0], bytes | bytearray) else b""
-        limit = exc.args[1] if len(exc.args) > 1 else None
-        # Only the request line is checked against MAX_LINE_SIZE, except that the
-        # pure-Python parser checks a header line that is still incomplete against it too;
-        # its excerpt then starts with "name:".
-        if limit == MAX_LINE_SIZE and not _HEADER_LINE.match(excerpt):
-            return UriTooLong(f"the request line exceeds {MAX_LINE_SIZE} bytes")
-        return HeaderFieldsTooLarge(f"a header field exceeds {MAX_FIELD_SIZE} bytes")
-    if "too many headers" in exc.message.lower():
-        return HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields")
-    return MalformedRequest("the request is not valid HTTP/1.1")
-
-
-class _ProxyServer(web.Server):
-    """Serves each proxy connection with _ProxyRequestHandler."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _ProxyRunner(web.AppRunner):
-    """An AppRunner whose server is a _ProxyServer."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp has no parameter for the connection-handler class: the Server it built
-        # (the application started, its settings applied) takes the subclass instead.
-        server.__class__ = _ProxyServer
-        return server
-
-
-def http_parser_in_use() -> str:
-    """Which aiohttp HTTP parser serves: "c" (llhttp) or "python" (AIOHTTP_NO_EXTENSIONS=1)."""
-    # Chosen at import time; logged because the two differ in what they accept.
-    c_parser = getattr(http_parser, "HttpRequestParserC", None)
-    return "c" if http_parser.HttpRequestParser is c_parser else "python"
 
 
 def _bound(runner: web.AppRunner) -> str:

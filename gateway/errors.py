@@ -43,7 +43,7 @@ class BodyIncomplete(MalformedRequest):
 
 
 class UriTooLong(MalformedRequest):
-    """The request line exceeds the listener's limit (app.MAX_LINE_SIZE)."""
+    """The request line exceeds the listener's limit (listener.MAX_LINE_SIZE)."""
 
     status = 414
     code = "uri_too_long"
