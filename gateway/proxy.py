@@ -400,7 +400,9 @@ class Proxy:
             async with self._slot():
                 try:
                     response = await self._send(request.method, target, headers, body)
-                except (UpstreamUnreachable, UpstreamTimeout):
+                except UpstreamUnreachable:
+                    # A refused or reset connection, before any response byte. A timeout
+                    # is not retried: the caller asked for an answer within it (504).
                     if await self._may_retry(attempt, "connect_error", None):
                         continue
                     raise
