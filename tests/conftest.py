@@ -120,17 +120,16 @@ async def upstream(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
-@pytest.fixture
-def gateway_env(issuer: TokenIssuer, upstream: Upstream, ca_file: Path) -> dict[str, str]:
-    """Environment for a gateway wired to the local issuer and upstream."""
+def gateway_environment(issuer_url: str, upstream_url: str, ca_file: Path) -> dict[str, str]:
+    """Environment for a gateway wired to a local issuer and upstream, ports chosen by the OS."""
     return {
         "AZURE_TENANT_ID": TENANT,
         "AZURE_CLIENT_ID": CLIENT,
         "AZURE_CLIENT_SECRET": CANARY_SECRET,
-        "AZURE_AUTHORITY_HOST": issuer.base_url,
+        "AZURE_AUTHORITY_HOST": issuer_url,
         "CIGW_INSTANCE_DISCOVERY": "false",
         "CIGW_AUTHORITY_CA_FILE": str(ca_file),
-        "CIGW_UPSTREAM_URL": f"{upstream.base_url}/v1",
+        "CIGW_UPSTREAM_URL": upstream_url,
         "CIGW_SCOPE": "https://api.ci.ai.microsoft.com/.default",
         "CIGW_LISTEN": "127.0.0.1:0",
         "CIGW_ADMIN_LISTEN": "127.0.0.1:0",
@@ -140,6 +139,12 @@ def gateway_env(issuer: TokenIssuer, upstream: Upstream, ca_file: Path) -> dict[
         "CIGW_UPSTREAM_TIMEOUT": "5",
         "CIGW_TOKEN_TIMEOUT": "5",
     }
+
+
+@pytest.fixture
+def gateway_env(issuer: TokenIssuer, upstream: Upstream, ca_file: Path) -> dict[str, str]:
+    """Environment for a gateway wired to the local issuer and upstream."""
+    return gateway_environment(issuer.base_url, f"{upstream.base_url}/v1", ca_file)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 from gateway.sandbox.issuer import TokenIssuer
 from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
 from tests.poll import eventually
-from tests.process import run_cli, spawn_gateway
+from tests.process import GatewayProcess, run_cli, spawn_gateway
 from tests.servers.upstream import Upstream
 
 
@@ -159,20 +159,27 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()]
 
 
-async def test_workers_share_the_port_and_stop_together(
-    gateway_env: dict[str, str], upstream: Upstream, tmp_path: Path
-) -> None:
-    """CIGW_WORKERS=2: two processes serve one port, each with its own token; SIGTERM stops both."""
-    port, admin = _free_port(), _free_port()
+async def _spawn_two_workers(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> tuple[GatewayProcess, int]:
+    # Fixed ports: with port 0 each process would bind a port of its own.
     env = {
         **gateway_env,
         "CIGW_WORKERS": "2",
-        "CIGW_LISTEN": f"127.0.0.1:{port}",
-        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+        "CIGW_LISTEN": f"127.0.0.1:{_free_port()}",
+        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{_free_port()}",
     }
     child = await spawn_gateway(env, tmp_path / "out.log")
     await child.wait_ready()
     (worker,) = _children(child.process.pid)
+    return child, worker
+
+
+async def test_workers_share_the_port_and_stop_together(
+    gateway_env: dict[str, str], upstream: Upstream, tmp_path: Path
+) -> None:
+    """CIGW_WORKERS=2: two processes serve one port, each with its own token; SIGTERM stops both."""
+    child, worker = await _spawn_two_workers(gateway_env, tmp_path)
     await eventually(lambda: child.printed().count('"token_acquired"') == 2)
     async with aiohttp.ClientSession() as session:
         for _ in range(20):
@@ -189,16 +196,7 @@ async def test_a_dead_worker_stops_all_so_the_pod_restarts(
     gateway_env: dict[str, str], tmp_path: Path
 ) -> None:
     """When a worker dies unasked, the others stop and the process exits 1."""
-    port, admin = _free_port(), _free_port()
-    env = {
-        **gateway_env,
-        "CIGW_WORKERS": "2",
-        "CIGW_LISTEN": f"127.0.0.1:{port}",
-        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{admin}",
-    }
-    child = await spawn_gateway(env, tmp_path / "out.log")
-    await child.wait_ready()
-    (worker,) = _children(child.process.pid)
+    child, worker = await _spawn_two_workers(gateway_env, tmp_path)
     os.kill(worker, signal.SIGKILL)
     async with asyncio.timeout(30):
         assert await child.process.wait() == 1

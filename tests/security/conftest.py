@@ -30,6 +30,7 @@ from tests.conftest import (
     CLIENT,
     TENANT,
     base_url,
+    gateway_environment,
     start_app,
 )
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
@@ -130,17 +131,7 @@ async def shared_upstream(shared_issuer: TokenIssuer) -> AsyncIterator[SecurityU
 def process_env(issuer: TokenIssuer, upstream_url: str, ca_file: Path) -> dict[str, str]:
     """The environment of a gateway subprocess wired to `issuer` and `upstream_url`."""
     return {
-        "AZURE_TENANT_ID": TENANT,
-        "AZURE_CLIENT_ID": CLIENT,
-        "AZURE_CLIENT_SECRET": CANARY_SECRET,
-        "AZURE_AUTHORITY_HOST": issuer.base_url,
-        "CIGW_INSTANCE_DISCOVERY": "false",
-        "CIGW_AUTHORITY_CA_FILE": str(ca_file),
-        "CIGW_UPSTREAM_URL": upstream_url,
-        "CIGW_LISTEN": "127.0.0.1:0",
-        "CIGW_ADMIN_LISTEN": "127.0.0.1:0",
-        "CIGW_SUBSCRIPTION_KEY": CANARY_PRIMARY,
-        "CIGW_SUBSCRIPTION_KEY_SECONDARY": CANARY_SECONDARY,
+        **gateway_environment(issuer.base_url, upstream_url, ca_file),
         "CIGW_UPSTREAM_TIMEOUT": "2",
         "CIGW_TOKEN_TIMEOUT": "2",
         "CIGW_CLIENT_TIMEOUT": "2",
