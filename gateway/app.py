@@ -26,6 +26,7 @@ from gateway.listener import (
     MAX_LINE_SIZE,
     ProxyRunner,
     http_parser_in_use,
+    strict_upstream_parsing,
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
@@ -68,6 +69,7 @@ def create_app(
     monotonic: Callable[[], float] = time.monotonic,
 ) -> Gateway:
     """Build the proxy and admin applications; resources start in cleanup contexts."""
+    strict_upstream_parsing()
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     tokens = TokenManager(
         acquirer or MsalAcquirer(settings),

@@ -84,7 +84,7 @@ def configure(
         ],
         # Filtering at the bound logger skips building events for disabled levels entirely.
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=_LineLoggerFactory(_LineLogger(stream)),
+        logger_factory=_LineLoggerFactory(stream),
         cache_logger_on_first_use=cache,
     )
     # aiohttp and msal log through the standard library; route warnings to the same stream.
@@ -96,22 +96,23 @@ def configure(
 
 
 class _LineLogger:
-    """structlog's WriteLogger without the flush after every info line.
+    """structlog's WriteLogger, with info lines optionally left in the stream's buffer.
 
-    An access line per request made that flush a write(2) into the container runtime's pipe
-    per request (6 of the 15 µs a line costs, tests/perf). Info and debug lines now wait in
-    the stream's buffer until it fills or `flush()` runs (each second and at shutdown), as
-    nginx's `access_log ... buffer= flush=` does; warnings and errors go out at once, taking
-    what is buffered with them.
+    The access line of every request, flushed one by one, cost a write(2) into the
+    container runtime's pipe per request (6 of the 15 µs a line costs, tests/perf). The
+    access logger therefore leaves info lines in the buffer until it fills or `flush()`
+    runs (each second and at shutdown), as nginx's `access_log ... buffer= flush=` does.
+    Every other line, and any warning or error, goes out at once with what is buffered.
     """
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
+    def __init__(self, stream: TextIO, lock: threading.Lock, *, buffer_info: bool) -> None:
+        self.stream, self.lock, self._buffer_info = stream, lock, buffer_info
 
     def info(self, message: str) -> None:
         with self.lock:
             self.stream.write(message + "\n")
+            if not self._buffer_info:
+                self.stream.flush()
 
     debug = log = msg = info
 
@@ -124,14 +125,19 @@ class _LineLogger:
 
 
 class _LineLoggerFactory:
-    def __init__(self, logger: _LineLogger) -> None:
+    """Hands the access logger a buffering line logger, every other logger a flushing one."""
+
+    def __init__(self, stream: TextIO) -> None:
         global _current  # noqa: PLW0603 - one output per process, like structlog's own config
-        _current = self.logger = logger
+        lock = threading.Lock()
+        self._buffered = _LineLogger(stream, lock, buffer_info=True)
+        _current = self._flushing = _LineLogger(stream, lock, buffer_info=False)
 
-    def __call__(self, *_args: Any) -> _LineLogger:
-        return self.logger
+    def __call__(self, *args: Any) -> _LineLogger:
+        return self._buffered if args and args[0] == BUFFERED_LOGGER else self._flushing
 
 
+BUFFERED_LOGGER = "access"
 _current: _LineLogger | None = None
 
 
@@ -156,5 +162,6 @@ class _StdlibFormatter(logging.Formatter):
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound to a component name."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
+    # The name reaches the logger factory, which buffers the access logger's info lines.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name, component=name)
     return logger

@@ -504,11 +504,11 @@ async def test_caller_credentials_are_replaced(
     assert kept == [], seen.raw_path
 
 
-@pytest.mark.parametrize("answer", ["cr-in-value", "nul-in-value"])
+@pytest.mark.parametrize("answer", ["cr-in-value", "nul-in-value", "lf-in-value", "obs-fold"])
 async def test_upstream_header_injection_is_not_passed_on(
     gateway_proc: GatewayProcess, shared_upstream: SecurityUpstream, ledger: Ledger, answer: str
 ) -> None:
-    """An upstream answer with CR or NUL in a header value becomes a 502 without the field."""
+    """Upstream CR, NUL, bare LF or obs-fold in a header: 502 without the field (strict parser)."""
     client = await RawClient.connect(gateway_proc.proxy_port, ledger)
     try:
         await client.send(get(target=b"/raw/" + answer.encode()))
@@ -519,21 +519,3 @@ async def test_upstream_header_injection_is_not_passed_on(
     assert response.error_code == "upstream_unreachable"
     assert response.header("Set-Cookie") == []
     assert response.header("X-Note") == []
-
-
-@pytest.mark.parametrize("answer", ["lf-in-value", "obs-fold"])
-async def test_upstream_line_folding_never_reaches_the_caller_raw(
-    gateway_proc: GatewayProcess, shared_upstream: SecurityUpstream, ledger: Ledger, answer: str
-) -> None:
-    """Upstream bare-LF or obs-fold headers are refused or re-framed: no raw LF/CR/NUL passes."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
-    try:
-        await client.send(get(target=b"/raw/" + answer.encode()))
-        response = await client.response()
-    finally:
-        await client.close()
-    head = response.raw.split(b"\r\n\r\n", 1)[0]
-    assert b"\n" not in head.replace(b"\r\n", b""), head
-    assert b"\r" not in head.replace(b"\r\n", b""), head
-    assert b"\x00" not in head
-    assert response.status in (200, 502)
