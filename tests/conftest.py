@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import pytest
@@ -27,6 +28,7 @@ from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
 from tests.process import SPAWNED
 from tests.servers.upstream import Upstream
 
+UpstreamT = TypeVar("UpstreamT", bound=Upstream)
 TENANT = "72f988bf-0000-4000-8000-00000000cafe"
 CLIENT = "5b1f8f1c-0000-4000-8000-00000000beef"
 # Canary secrets: tests assert none of them ever appears in output, errors or metrics.
@@ -100,24 +102,42 @@ def base_url(runner: web.AppRunner, scheme: str = "http") -> str:
     return f"{scheme}://127.0.0.1:{runner.addresses[0][1]}"
 
 
-@pytest.fixture
-async def issuer(server_ssl: ssl.SSLContext) -> AsyncIterator[TokenIssuer]:
-    """The Entra-like token endpoint over TLS, knowing one app registration."""
+@contextlib.asynccontextmanager
+async def serving_issuer(server_ssl: ssl.SSLContext) -> AsyncIterator[TokenIssuer]:
+    """The Entra-like token endpoint over TLS, knowing one app registration, while in use."""
     token_issuer = TokenIssuer(ClientRegistration(TENANT, CLIENT, client_secret=CANARY_SECRET))
     runner = await start_app(token_issuer.app(), server_ssl)
     token_issuer.base_url = base_url(runner, "https")
-    yield token_issuer
-    await runner.cleanup()
+    try:
+        yield token_issuer
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving_upstream(server: UpstreamT) -> AsyncIterator[UpstreamT]:
+    """`server` (an APIM-like upstream) listening on loopback while in use."""
+    runner = await start_app(server.app())
+    server.base_url = base_url(runner)
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def issuer(server_ssl: ssl.SSLContext) -> AsyncIterator[TokenIssuer]:
+    """The Entra-like token endpoint over TLS, knowing one app registration."""
+    async with serving_issuer(server_ssl) as token_issuer:
+        yield token_issuer
 
 
 @pytest.fixture
 async def upstream(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
     """The APIM-like upstream, accepting the canary keys and the issuer's tokens."""
-    server = Upstream(issuer, SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY))
-    runner = await start_app(server.app())
-    server.base_url = base_url(runner)
-    yield server
-    await runner.cleanup()
+    keys = SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY)
+    async with serving_upstream(Upstream(issuer, keys)) as server:
+        yield server
 
 
 def gateway_environment(issuer_url: str, upstream_url: str, ca_file: Path) -> dict[str, str]:

@@ -22,16 +22,14 @@ from structlog._config import BoundLoggerLazyProxy
 
 from gateway import logging as gateway_logging
 from gateway.sandbox.apim import SubscriptionKeyPair
-from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
+from gateway.sandbox.issuer import TokenIssuer
 from tests.conftest import (
     CANARY_PRIMARY,
     CANARY_SECONDARY,
     CANARY_SECRET,
-    CLIENT,
-    TENANT,
-    base_url,
     gateway_environment,
-    start_app,
+    serving_issuer,
+    serving_upstream,
 )
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.upstream import Upstream
@@ -81,11 +79,8 @@ def log_output() -> io.StringIO:
 @pytest.fixture
 async def issuer(server_ssl: ssl.SSLContext, ledger: Ledger) -> AsyncIterator[TokenIssuer]:
     """The TLS token issuer; every token it issued becomes a canary."""
-    token_issuer = TokenIssuer(ClientRegistration(TENANT, CLIENT, client_secret=CANARY_SECRET))
-    runner = await start_app(token_issuer.app(), server_ssl)
-    token_issuer.base_url = base_url(runner, "https")
-    yield token_issuer
-    await runner.cleanup()
+    async with serving_issuer(server_ssl) as token_issuer:
+        yield token_issuer
     ledger.secret(*token_issuer.issued)
     # A TLS connection the client dropped mid-answer (timeouts, HTML faults) leaves its
     # server-side socket to the garbage collector; reap it here, not in a later test.
@@ -97,11 +92,9 @@ async def issuer(server_ssl: ssl.SSLContext, ledger: Ledger) -> AsyncIterator[To
 @pytest.fixture
 async def upstream(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
     """The APIM-like upstream, echoing credentials only as fingerprints."""
-    server = SecurityUpstream(issuer, SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY))
-    runner = await start_app(server.app())
-    server.base_url = base_url(runner)
-    yield server
-    await runner.cleanup()
+    keys = SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY)
+    async with serving_upstream(SecurityUpstream(issuer, keys)) as server:
+        yield server
 
 
 # --------------------------------------------------------------------------- module-wide servers
@@ -110,22 +103,17 @@ async def upstream(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_issuer(server_ssl: ssl.SSLContext) -> AsyncIterator[TokenIssuer]:
     """One token issuer for a whole module."""
-    token_issuer = TokenIssuer(ClientRegistration(TENANT, CLIENT, client_secret=CANARY_SECRET))
-    runner = await start_app(token_issuer.app(), server_ssl)
-    token_issuer.base_url = base_url(runner, "https")
-    yield token_issuer
-    await runner.cleanup()
+    async with serving_issuer(server_ssl) as token_issuer:
+        yield token_issuer
     _LEDGER.secret(*token_issuer.issued)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_upstream(shared_issuer: TokenIssuer) -> AsyncIterator[SecurityUpstream]:
     """One APIM-like upstream for a whole module."""
-    server = SecurityUpstream(shared_issuer, SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY))
-    runner = await start_app(server.app())
-    server.base_url = base_url(runner)
-    yield server
-    await runner.cleanup()
+    keys = SubscriptionKeyPair(CANARY_PRIMARY, CANARY_SECONDARY)
+    async with serving_upstream(SecurityUpstream(shared_issuer, keys)) as server:
+        yield server
 
 
 def process_env(issuer: TokenIssuer, upstream_url: str, ca_file: Path) -> dict[str, str]:
