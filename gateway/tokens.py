@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import math
 import random
 import re
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import msal
 import requests
@@ -79,12 +81,26 @@ class _TokenEndpointSession(requests.Session):
         kwargs.setdefault("timeout", self._timeout)
         if self._ca_file is not None:
             kwargs["verify"] = self._ca_file
+        if _is_loopback(url):
+            # HTTPS_PROXY applies to loopback too unless NO_PROXY says otherwise; a token
+            # endpoint on this host (the sandbox, a local identity proxy) is never proxied.
+            kwargs["proxies"] = {"http": None, "https": None}
         self.last_answer, self.last_retry_after = None, None
         response = super().request(method, url, *args, **kwargs)
         self.last_answer = _summarize_answer(response)
         retry_after = response.headers.get("Retry-After", "")
         self.last_retry_after = float(retry_after) if retry_after.isdigit() else None
         return response
+
+
+def _is_loopback(url: str | bytes) -> bool:
+    host = urlsplit(url.decode() if isinstance(url, bytes) else url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _summarize_answer(response: requests.Response) -> str | None:

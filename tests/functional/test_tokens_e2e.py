@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
 from tests.certs import client_certificate
 from tests.conftest import CANARY_SECRET, CLIENT, TENANT, RunningGateway, StartGateway
@@ -161,4 +163,16 @@ async def test_workload_identity_reads_the_rotating_assertion_file(
     await asyncio.sleep(2.2)
     assert issuer.token_calls > calls
     assert gw.gateway.tokens.problem is None
+    assert (await _get(gw))[0] == 200
+
+
+async def test_proxy_variables_do_not_capture_a_loopback_token_endpoint(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY set (to nothing listening): a token endpoint on 127.0.0.1 is still reached."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    gw = await start_gateway()
     assert (await _get(gw))[0] == 200
