@@ -32,14 +32,7 @@ from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
-from gateway.state import (
-    KEYS,
-    METRICS,
-    READINESS,
-    SETTINGS,
-    TOKENS,
-    Readiness,
-)
+from gateway.state import METRICS, READINESS, Readiness
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 
 log = get_logger("app")
@@ -99,11 +92,6 @@ def create_app(
     proxy_app = web.Application(
         middlewares=[middlewares.proxy_middleware(metrics, limiter, hold, caller_header)]
     )
-    proxy_app[SETTINGS] = settings
-    proxy_app[METRICS] = metrics
-    proxy_app[TOKENS] = tokens
-    proxy_app[KEYS] = keys
-    proxy_app[READINESS] = readiness
     proxy_app.router.add_route(
         "*", "/{tail:.*}", proxy.handle, expect_handler=middlewares.expect_continue
     )

@@ -65,11 +65,6 @@ class SubscriptionKeys:
         self._active = 0
         self._publish()
 
-    @property
-    def configured(self) -> bool:
-        """True when at least one key is configured."""
-        return bool(self._slots)
-
     def current(self) -> tuple[str, str] | None:
         """(slot, key) to send first, or None when no key is configured."""
         if not self._slots:

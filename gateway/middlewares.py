@@ -111,12 +111,7 @@ def _refuse_early(
         refusal = limiter.check(caller)
     if refusal is not None:
         metrics.rate_limited.labels(scope=refusal.scope).inc()
-        message = (
-            "the upstream asked for a pause; retry later"
-            if refusal.scope == "upstream"
-            else f"{refusal.scope} rate limit exceeded; retry later"
-        )
-        raise RateLimited(message, headers=refusal.headers())
+        raise RateLimited(refusal.message(), headers=refusal.headers())
 
 
 def _map_error(ctx: RequestContext, exc: Exception) -> web.StreamResponse:

@@ -82,6 +82,9 @@ _CALLER_ONLY = frozenset(
 )
 
 
+_REQUEST_DROP = HOP_BY_HOP | _CALLER_ONLY
+
+
 # --------------------------------------------------------------------------- URL policy
 
 
@@ -199,29 +202,21 @@ def request_headers(
     headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:
     """Caller headers that may go upstream (credentials are added later, by the gateway)."""
-    named = connection_named(headers) if "Connection" in headers else set()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if (
-            lower in HOP_BY_HOP
-            or lower in _CALLER_ONLY
-            or lower in named
-            or lower in drop
-            or lower.startswith("proxy-")
-        ):
-            continue
-        out.add(name, value)
-    return out
+    return _end_to_end(headers, _REQUEST_DROP | drop if drop else _REQUEST_DROP)
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones."""
+    return _end_to_end(headers, HOP_BY_HOP)
+
+
+def _end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """`headers` without the names in `drop` (lower case), those Connection names, Proxy-*."""
     named = connection_named(headers) if "Connection" in headers else set()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+        if lower in drop or lower in named or lower.startswith("proxy-"):
             continue
         out.add(name, value)
     return out
@@ -289,14 +284,10 @@ class Body:
             yield self._prefix
         while True:
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    chunk = await request.content.readany()
-            except TimeoutError:
-                self.failure = BodyIncomplete("the request body stalled; upstream exchange aborted")
-                raise self.failure from None
-            except web.RequestPayloadError:
-                self.failure = BodyIncomplete("the request body breaks its framing")
-                raise self.failure from None
+                chunk = await _read_chunk(request, self._read_timeout)
+            except BodyIncomplete as exc:
+                self.failure = exc
+                raise
             if not chunk:
                 return
             sent += len(chunk)
@@ -305,6 +296,17 @@ class Body:
                 self.failure = PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
                 raise self.failure
             yield chunk
+
+
+async def _read_chunk(request: web.Request, read_timeout: float) -> bytes:
+    """The next piece of the caller's body (b"" at its end); BodyIncomplete on a stall or break."""
+    try:
+        async with asyncio.timeout(read_timeout):
+            return await request.content.readany()
+    except TimeoutError:
+        raise BodyIncomplete("the request body stalled: nothing arrived in time") from None
+    except web.RequestPayloadError:
+        raise BodyIncomplete("the request body breaks its framing") from None
 
 
 async def read_body(request: web.Request, limit: int, read_timeout: float) -> Body:
@@ -316,17 +318,11 @@ async def read_body(request: web.Request, limit: int, read_timeout: float) -> Bo
         return Body(None)
     keep = min(REPLAY_LIMIT, limit)
     buffered = bytearray()
-    try:
-        while len(buffered) <= keep:
-            async with asyncio.timeout(read_timeout):
-                chunk = await request.content.readany()
-            if not chunk:
-                return Body(bytes(buffered))
-            buffered += chunk
-    except TimeoutError:
-        raise BodyIncomplete("the request body was not received in time") from None
-    except web.RequestPayloadError:
-        raise BodyIncomplete("the request body breaks its framing") from None
+    while len(buffered) <= keep:
+        chunk = await _read_chunk(request, read_timeout)
+        if not chunk:
+            return Body(bytes(buffered))
+        buffered += chunk
     if len(buffered) > limit:
         raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
     return Body(
@@ -389,10 +385,8 @@ class Proxy:
         while True:
             refusal = self.hold.check()
             if refusal is not None:
-                self.metrics.rate_limited.labels(scope="upstream").inc()
-                raise RateLimited(
-                    "the upstream asked for a pause; retry later", headers=refusal.headers()
-                )
+                self.metrics.rate_limited.labels(scope=refusal.scope).inc()
+                raise RateLimited(refusal.message(), headers=refusal.headers())
             headers["Authorization"] = f"Bearer {attempt.token}"
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
@@ -525,16 +519,15 @@ class Proxy:
         length = response.content_length
         if request.method == "HEAD" or response.status in (204, 304):
             response.release()
-            out = web.StreamResponse(status=response.status, reason=response.reason)
-            out.headers.extend(headers)
-            return out
+            return web.StreamResponse(
+                status=response.status, reason=response.reason, headers=headers
+            )
         if length is not None and length <= SMALL_RESPONSE:
             data = prefix + await response.read()
             return web.Response(
                 status=response.status, reason=response.reason, headers=headers, body=data
             )
-        out = web.StreamResponse(status=response.status, reason=response.reason)
-        out.headers.extend(headers)
+        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
         ctx.response_started = True
         if prefix:

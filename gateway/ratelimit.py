@@ -27,6 +27,12 @@ class Refusal:
     quota: int = 0
     window: float = 1.0
 
+    def message(self) -> str:
+        """What the caller is told."""
+        if self.scope == "upstream":
+            return "the upstream asked for a pause; retry later"
+        return f"{self.scope} rate limit exceeded; retry later"
+
     def headers(self) -> dict[str, str]:
         """Retry-After in whole seconds (rounded up) plus IETF RateLimit headers."""
         seconds = max(1, math.ceil(self.retry_after))

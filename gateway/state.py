@@ -8,7 +8,6 @@ from typing import Protocol
 
 from aiohttp import web
 
-from gateway.config import Settings
 from gateway.metrics import Metrics
 
 
@@ -68,10 +67,7 @@ class RequestContext:
     error_code: str | None = None
 
 
-SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-TOKENS = web.AppKey("tokens", TokenSource)
-KEYS = web.AppKey("keys", KeySource)
 READINESS = web.AppKey("readiness", Readiness)
 CONTEXT = web.RequestKey("context", RequestContext)
 # Set on an answer after which the connection must end at once (its framing is not trusted).
