@@ -10,17 +10,14 @@ token file its webhook injects), and the image's entry point validates it.
 from __future__ import annotations
 
 import base64
-import datetime
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+
+from tests.certs import client_certificate
 
 from .tools import (
     CI_VALUES,
@@ -47,28 +44,8 @@ WEBHOOK_AUTHORITY: Final = "https://login.microsoftonline.com/"
 
 def certificate_pem(password: str | None) -> str:
     """A self-signed RSA certificate with its private key, the key encrypted if `password`."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ci-gateway test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password
-        else serialization.NoEncryption()
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-    return (key_pem + cert.public_bytes(serialization.Encoding.PEM)).decode()
+    pem, _ = client_certificate(password.encode() if password else None)
+    return pem.decode()
 
 
 def secret_value(docs: list[Manifest], secret: str, key: str, *, encrypted: bool) -> str:

@@ -8,46 +8,26 @@ keys and every token the issuers minted.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from gateway.sandbox.issuer import TokenIssuer
+from tests.certs import self_signed_rsa
 from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
 from tests.security.conftest import CANARY_ASSERTION, CANARY_CERT_PASSWORD, process_env
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.upstream import Upstream
 
 
-def _certificate() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ci-gateway test client")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
-
-
 def write_credential(directory: Path, kind: str) -> tuple[Path, bytes, str]:
     """An encrypted PEM or PFX protected by the password canary: (file, cert PEM, key canary)."""
-    key, certificate = _certificate()
+    key, certificate = self_signed_rsa()
     # A line of the decrypted key, which the gateway holds in memory, is a canary too.
     key_canary = (
         key.private_bytes(
