@@ -154,7 +154,7 @@ class MsalAcquirer:
             raise TokenAcquisitionError(message, self._http.last_retry_after) from None
         if "access_token" not in result:
             raise TokenAcquisitionError(
-                f"token endpoint refused: {_describe_error(result)}", _retry_after(result)
+                f"token endpoint refused: {_describe_error(result)}", self._http.last_retry_after
             )
         token = str(result["access_token"])
         redactor.register(token)
@@ -228,15 +228,6 @@ def _describe_exception(exc: Exception) -> str:
         # MSAL raises ValueError when the endpoint answers something other than JSON.
         return redactor.scrub(f"token endpoint answered an unreadable response: {detail}")
     return redactor.scrub(f"token request failed: {name}: {detail}")
-
-
-def _retry_after(result: Mapping[str, Any]) -> float | None:
-    # MSAL surfaces throttling as a 'retry_after' hint in some error results.
-    value = result.get("retry_after")
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 class TokenManager:
