@@ -110,18 +110,14 @@ async def _serve(settings: Settings, workers: list[int]) -> int:
 
     def relay(signum: int) -> None:
         stop.set()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        _signal_workers(workers, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, relay, signum)
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_keys() -> None:
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+        _signal_workers(workers, signal.SIGHUP)
         task = loop.create_task(gateway.keys.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -142,6 +138,12 @@ async def _serve(settings: Settings, workers: list[int]) -> int:
         loop.add_reader(pidfd, worker_exited, pidfd)
     await serve(gateway, stop)
     return 1 if failed else 0
+
+
+def _signal_workers(workers: list[int], signum: int) -> None:
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):  # already gone: nothing to tell it
+            os.kill(pid, signum)
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
