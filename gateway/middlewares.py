@@ -85,13 +85,18 @@ def proxy_middleware(
 def _start_context(request: web.Request) -> RequestContext:
     """The request's context, with the caller's X-Request-ID or a new one bound for logging."""
     given = request.headers.get("X-Request-ID")
-    request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
     ctx = RequestContext(request_id)
     request[CONTEXT] = ctx
     # Rebinding replaces the previous request's ID on a kept-alive connection's task;
     # nothing else is bound per request, so no clear_contextvars (it walks every variable).
     structlog.contextvars.bind_contextvars(request_id=request_id)
     return ctx
+
+
+def new_request_id() -> str:
+    """A fresh request ID: 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 def _refuse_early(
@@ -143,6 +148,9 @@ def render_error(exc: GatewayError) -> web.Response:
         status=exc.status,
         headers=exc.headers,
     )
+    # Every answer carries an X-Request-ID: answers made before the request context exists
+    # (parser refusals, Expect) get a new one; the middleware puts the request's own in.
+    response.headers["X-Request-ID"] = new_request_id()
     if exc.close_connection:
         response.force_close()
         response[CLOSE_CONNECTION] = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 
 import pytest
 
@@ -168,7 +169,20 @@ async def test_unknown_expectation_is_417(gw: RunningGateway, upstream: Upstream
         b"Content-Length: 5\r\n\r\nhello"
     )
     await writer.drain()
-    status_line = await asyncio.wait_for(reader.readline(), 5)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
-    assert status_line.split()[1] == b"417"
+    assert head.split()[1] == b"417"
+    assert re.search(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n", head)
+    assert upstream.seen == []
+
+
+async def test_parser_refusals_carry_a_request_id(gw: RunningGateway, upstream: Upstream) -> None:
+    """A request the parser refuses (a 414) still gets an X-Request-ID, like every answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.split()[1] == b"414"
+    assert re.search(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n", head)
     assert upstream.seen == []
