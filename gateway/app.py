@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -26,7 +25,6 @@ from gateway.listener import (
     MAX_LINE_SIZE,
     ProxyRunner,
     http_parser_in_use,
-    strict_upstream_parsing,
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
@@ -34,6 +32,7 @@ from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
 from gateway.state import METRICS, READINESS, Readiness
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
+from gateway.upstream import UpstreamClient
 
 log = get_logger("app")
 
@@ -62,7 +61,6 @@ def create_app(
     monotonic: Callable[[], float] = time.monotonic,
 ) -> Gateway:
     """Build the proxy and admin applications; resources start in cleanup contexts."""
-    strict_upstream_parsing()
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     tokens = TokenManager(
         acquirer or MsalAcquirer(settings),
@@ -133,30 +131,18 @@ def _client_session(
     settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(_app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=settings.max_connections,
-            ssl=upstream_tls,
-            keepalive_timeout=30,
+        # Bound to the configured origin: no request can name another host. No proxy or
+        # netrc from the environment, no cookies, no headers the caller did not send.
+        client = UpstreamClient(
+            settings.upstream_url.origin(),
+            tls=upstream_tls,
+            connect_timeout=settings.upstream_timeout,
+            read_timeout=settings.upstream_timeout,
+            max_idle=settings.max_connections,
         )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            # Bytes go through as the upstream sent them; no cookies shared between callers;
-            # no proxy or netrc from the environment; no headers the caller did not send.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=settings.upstream_timeout,
-                sock_read=settings.upstream_timeout,
-            ),
-            max_field_size=MAX_FIELD_SIZE,
-            max_line_size=MAX_LINE_SIZE,
-        )
-        proxy.session = session
+        proxy.client = client
         yield
-        await session.close()
+        await client.close()
 
     return context
 

@@ -8,7 +8,6 @@ ten seconds. The proxy listener's handler names only the kind of problem, answer
 
 from __future__ import annotations
 
-import importlib
 import re
 
 from aiohttp import http_parser, web
@@ -101,21 +100,3 @@ def http_parser_in_use() -> str:
     # Chosen at import time; logged because the two differ in what they accept.
     c_parser = getattr(http_parser, "HttpRequestParserC", None)
     return "c" if http_parser.HttpRequestParser is c_parser else "python"
-
-
-def strict_upstream_parsing() -> None:
-    """Parse upstream answers strictly: header lines end in CRLF, no lenient header syntax.
-
-    aiohttp relaxes its response parser except in development mode (its module-level
-    DEBUG flag, read each time a parser is made). Relaxed, a header value holding a bare LF
-    is split into two fields, so an upstream could inject a header (Set-Cookie, say) into
-    the caller's answer; strict, the answer is refused and the caller gets a 502.
-    """
-    # setattr: these are module globals aiohttp does not export as settings.
-    setattr(http_parser, "DEBUG", True)  # noqa: B010 - the pure-Python parser's separator
-    http_parser.HttpResponseParserPy.lax = False
-    try:
-        c_parser = importlib.import_module("aiohttp._http_parser")
-    except ImportError:  # AIOHTTP_NO_EXTENSIONS=1 or no compiled parser
-        return
-    setattr(c_parser, "DEBUG", True)  # noqa: B010 - llhttp is made lenient only when false

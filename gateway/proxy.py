@@ -20,7 +20,6 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.config import Settings
 from gateway.errors import (
@@ -31,13 +30,13 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
-    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import RetryBudget, UpstreamHold
 from gateway.state import CONTEXT, KeySource, RequestContext, TokenSource
+from gateway.upstream import IDEMPOTENT, Response, UpstreamClient
 
 log = get_logger("proxy")
 
@@ -46,7 +45,6 @@ KEY_QUERY = "subscription-key"
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this size are kept so a request can be sent again
 SMALL_RESPONSE = 256 * 1024  # answers up to this size are relayed in one write
 _AUTH_BODY_LIMIT = 64 * 1024  # how much of a 401 body is read to tell key from token
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection.
@@ -88,8 +86,8 @@ _REQUEST_DROP = HOP_BY_HOP | _CALLER_ONLY
 # --------------------------------------------------------------------------- URL policy
 
 
-def build_target(base: URL, raw_target: str) -> URL:
-    """The upstream URL for a request target: base path + path, query minus the key param.
+def build_target(base_path: str, raw_target: str) -> str:
+    """The upstream request target: base path + path, query minus the key param.
 
     The path is forwarded byte-exact; a target that is not origin-form, or whose
     dot-segments (raw or percent-encoded, with / or \\ as separators) would climb above
@@ -106,13 +104,8 @@ def build_target(base: URL, raw_target: str) -> URL:
         raise BadRequest("a request target must not contain a fragment")
     if climbs_above_root(path):
         raise BadRequest("the path climbs above the API's base path")
-    return URL.build(
-        scheme=base.scheme,
-        authority=base.raw_authority,
-        path=base.raw_path.rstrip("/") + path,
-        query_string=strip_key_param(query),
-        encoded=True,
-    )
+    query = strip_key_param(query)
+    return f"{base_path}{path}?{query}" if query else base_path + path
 
 
 def climbs_above_root(path: str) -> bool:
@@ -205,12 +198,14 @@ def request_headers(
     return _end_to_end(headers, _REQUEST_DROP | drop if drop else _REQUEST_DROP)
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones."""
     return _end_to_end(headers, HOP_BY_HOP)
 
 
-def _end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+def _end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
+) -> CIMultiDict[str]:
     """`headers` without the names in `drop` (lower case), those Connection names, Proxy-*."""
     named = connection_named(headers) if "Connection" in headers else set()
     out: CIMultiDict[str] = CIMultiDict()
@@ -257,9 +252,6 @@ class Body:
     ) -> None:
         self.data = data
         self.length = len(data) if data is not None else length
-        # Why streaming the body stopped, when it was the caller's fault: the HTTP client
-        # wraps whatever the body generator raises, so the cause is kept here.
-        self.failure: GatewayError | None = None
         self._request, self._prefix, self._limit = request, prefix, limit
         self._read_timeout = read_timeout
         self._consumed = False
@@ -283,18 +275,13 @@ class Body:
         if self._prefix:
             yield self._prefix
         while True:
-            try:
-                chunk = await _read_chunk(request, self._read_timeout)
-            except BodyIncomplete as exc:
-                self.failure = exc
-                raise
+            chunk = await _read_chunk(request, self._read_timeout)
             if not chunk:
                 return
             sent += len(chunk)
             if sent > self._limit:
                 # Cut off at the cap: raising here aborts the upstream exchange.
-                self.failure = PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
-                raise self.failure
+                raise PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
             yield chunk
 
 
@@ -348,23 +335,25 @@ class Proxy:
     keys: KeySource
     hold: UpstreamHold
     budget: RetryBudget
-    session: aiohttp.ClientSession | None = None
+    client: UpstreamClient | None = None
     slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: Callable[[], float] = random.random
     drop_headers: frozenset[str] = frozenset()
+    base_path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base_path = self.settings.upstream_url.raw_path.rstrip("/")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward one request and relay the answer."""
         check_message(request.version, request.headers)
         ctx = request[CONTEXT]
         settings = self.settings
-        target = build_target(settings.upstream_url, request.raw_path)
+        target = build_target(self.base_path, request.raw_path)
         headers = request_headers(request.headers, self.drop_headers)
         headers["X-Request-ID"] = ctx.request_id
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
-        if body.length is not None and not body.replayable:
-            headers["Content-Length"] = str(body.length)
         self.budget.record_request()
         return await self._exchange(request, ctx, target, headers, body)
 
@@ -372,7 +361,7 @@ class Proxy:
         self,
         request: web.Request,
         ctx: RequestContext,
-        target: URL,
+        target: str,
         headers: CIMultiDict[str],
         body: Body,
     ) -> web.StreamResponse:
@@ -407,9 +396,7 @@ class Proxy:
                     continue
                 return await self._relay(request, ctx, response, prefix)
 
-    async def _decide(
-        self, response: aiohttp.ClientResponse, attempt: _Attempt
-    ) -> tuple[bool, bytes]:
+    async def _decide(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         """Whether to send again (fallback key, fresh token, retry), and any body already read."""
         status = response.status
         if status == 401:
@@ -426,9 +413,7 @@ class Proxy:
             ), b""
         return False, b""
 
-    async def _on_unauthorized(
-        self, response: aiohttp.ClientResponse, attempt: _Attempt
-    ) -> tuple[bool, bytes]:
+    async def _on_unauthorized(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         kind, prefix = await self._classify_401(response)
         if kind == "key":
             self.metrics.upstream_auth_rejections.labels(credential="key").inc()
@@ -453,23 +438,13 @@ class Proxy:
         return _SlotGuard(self.slots, self.settings.connection_wait)
 
     async def _send(
-        self, method: str, target: URL, headers: CIMultiDict[str], body: Body
-    ) -> aiohttp.ClientResponse:
-        assert self.session is not None  # noqa: S101 - set in the cleanup context before serving
+        self, method: str, target: str, headers: CIMultiDict[str], body: Body
+    ) -> Response:
+        assert self.client is not None  # noqa: S101 - set in the cleanup context before serving
         started = time.perf_counter()
-        try:
-            response = await self.session.request(
-                method, target, headers=headers, data=body.payload(), allow_redirects=False
-            )
-        except GatewayError:
-            raise
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # A body that failed on the caller's side is the caller's error, not the upstream's.
-            if body.failure is not None:
-                raise body.failure from None
-            if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout("the upstream did not answer in time") from None
-            raise UpstreamUnreachable(_describe_client_error(exc)) from None
+        response = await self.client.request(
+            method, target, headers.items(), body.payload(), body.length
+        )
         self.metrics.upstream_duration.observe(time.perf_counter() - started)
         return response
 
@@ -491,11 +466,11 @@ class Proxy:
         await self.sleep(delay)
         return True
 
-    async def _classify_401(self, response: aiohttp.ClientResponse) -> tuple[str, bytes]:
+    async def _classify_401(self, response: Response) -> tuple[str, bytes]:
         """Tell APIM's subscription-key rejection from a bearer-token rejection."""
         prefix = b""
         while len(prefix) <= _AUTH_BODY_LIMIT:
-            chunk = await response.content.readany()
+            chunk = await response.readany()
             if not chunk:
                 break
             prefix += chunk
@@ -511,7 +486,7 @@ class Proxy:
         self,
         request: web.Request,
         ctx: RequestContext,
-        response: aiohttp.ClientResponse,
+        response: Response,
         prefix: bytes,
     ) -> web.StreamResponse:
         headers = response_headers(response.headers)
@@ -533,13 +508,15 @@ class Proxy:
         if prefix:
             await out.write(prefix)
         try:
-            async for chunk in response.content.iter_any():
+            while chunk := await response.readany():
                 await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except GatewayError as exc:
             # Headers are gone already: the only honest signal left is an aborted
             # connection, never a clean end that would pass a truncated body as complete.
-            log.warning("upstream_aborted_mid_body", reason=_describe_client_error(exc))
+            log.warning("upstream_aborted_mid_body", reason=exc.message)
             raise
+        finally:
+            response.release()
         await out.write_eof()
         return out
 
@@ -577,18 +554,3 @@ class _SlotGuard:
 
     async def __aexit__(self, *_: object) -> None:
         self._semaphore.release()
-
-
-def _describe_client_error(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return "the upstream's TLS certificate is not trusted"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to the upstream ({exc.os_error.strerror or 'connection failed'})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the upstream closed the connection before answering"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # Not exc.message: the parser quotes the upstream's bytes, which are not the caller's.
-        return "the upstream sent an invalid response"
-    if isinstance(exc, TimeoutError):
-        return "the upstream stalled"
-    return f"the upstream exchange failed ({type(exc).__name__})"

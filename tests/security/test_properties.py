@@ -85,13 +85,14 @@ def test_forwarded_url_never_leaves_the_base_path(path: str, query: str) -> None
     """For any path, the target is refused or starts with the base path under every decoding."""
     raw_target = path + ("?" + query if query else "")
     try:
-        target = build_target(BASE, raw_target)
+        target = build_target(BASE.raw_path, raw_target)
     except BadRequest:
         return
-    assert target.raw_path.startswith(BASE.raw_path + "/")
-    assert target.raw_authority == BASE.raw_authority
+    # The client is bound to its origin; the target can only be a path below the base.
+    target_path = target.partition("?")[0]
+    assert target_path.startswith(BASE.raw_path + "/")
     sent_path = raw_target.partition("?")[0]
-    assert target.raw_path == BASE.raw_path + sent_path
+    assert target_path == BASE.raw_path + sent_path
     for reading in _resolve_all_ways(sent_path):
         assert _normalised(reading).startswith("/base"), (path, reading)
 

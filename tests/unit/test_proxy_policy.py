@@ -29,11 +29,8 @@ BASE = URL("https://api.example.com/v1")
     ],
 )
 def test_target_is_below_base_path(target: str, expected: str) -> None:
-    """The forwarded URL is the base URL + the path, byte-exact, minus any key parameter."""
-    url = build_target(BASE, target)
-    assert url.host == "api.example.com"
-    assert url.scheme == "https"
-    assert url.raw_path_qs == expected
+    """The forwarded target is the base path + the path, byte-exact, minus any key parameter."""
+    assert build_target(BASE.raw_path, target) == expected
 
 
 @pytest.mark.parametrize(
@@ -56,7 +53,7 @@ def test_target_is_below_base_path(target: str, expected: str) -> None:
 def test_escaping_targets_are_refused(target: str) -> None:
     """Targets that would leave the base path, or are not origin-form, are a 400."""
     with pytest.raises(BadRequest):
-        build_target(BASE, target)
+        build_target(BASE.raw_path, target)
 
 
 def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
