@@ -8,24 +8,17 @@ import gc
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import admin, middlewares
+from gateway import admin, listener, middlewares
 from gateway import logging as gateway_logging
 from gateway.config import Settings
 from gateway.keys import SubscriptionKeys
-from gateway.listener import (
-    MAX_FIELD_SIZE,
-    MAX_HEADERS,
-    MAX_LINE_SIZE,
-    ProxyRunner,
-    http_parser_in_use,
-)
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -37,16 +30,22 @@ from gateway.upstream import UpstreamClient
 log = get_logger("app")
 
 
+Resource = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
 @dataclass(slots=True)
 class Gateway:
-    """The two applications and the services they share."""
+    """The proxy handler, the admin application, and the services they share."""
 
     settings: Settings
     metrics: Metrics
     tokens: TokenManager
     keys: SubscriptionKeys
     readiness: Readiness
-    proxy_app: web.Application
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+    # Started in order before the listeners open, stopped in reverse once they have
+    # drained (aiohttp's cleanup-context contract: stopped only if started).
+    resources: tuple[Resource, ...]
     admin_app: web.Application
     proxy_port: int = 0  # the bound ports, known once serve() has started the listeners
     admin_port: int = 0
@@ -60,7 +59,7 @@ def create_app(
     clock: Callable[[], float] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> Gateway:
-    """Build the proxy and admin applications; resources start in cleanup contexts."""
+    """Build the proxy handler and the admin application; serve() starts the resources."""
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     tokens = TokenManager(
         acquirer or MsalAcquirer(settings),
@@ -87,27 +86,22 @@ def create_app(
         drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
     )
 
-    proxy_app = web.Application(
-        middlewares=[middlewares.proxy_middleware(metrics, limiter, hold, caller_header)]
-    )
-    proxy_app.router.add_route(
-        "*", "/{tail:.*}", proxy.handle, expect_handler=middlewares.expect_continue
-    )
+    handler = middlewares.proxy_handler(proxy, metrics, limiter, hold, caller_header)
     trust = settings.upstream_trust
     # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
     upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)
-    proxy_app.cleanup_ctx.append(_client_session(settings, proxy, upstream_tls))
-    proxy_app.cleanup_ctx.append(_background("token renewal", tokens.run, tokens.close))
-    proxy_app.cleanup_ctx.append(_background("key file watch", keys.watch))
-    proxy_app.cleanup_ctx.append(
-        _background("log flush", gateway_logging.flush_periodically, _flush_logs)
+    resources = (
+        _upstream_client(settings, proxy, upstream_tls),
+        _background("token renewal", tokens.run, tokens.close),
+        _background("key file watch", keys.watch),
+        _background("log flush", gateway_logging.flush_periodically, _flush_logs),
     )
 
     admin_app = web.Application()
     admin_app[METRICS] = metrics
     admin_app[READINESS] = readiness
     admin_app.add_routes(admin.routes())
-    return Gateway(settings, metrics, tokens, keys, readiness, proxy_app, admin_app)
+    return Gateway(settings, metrics, tokens, keys, readiness, handler, resources, admin_app)
 
 
 def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalLimiter:
@@ -127,10 +121,9 @@ def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalL
     )
 
 
-def _client_session(
-    settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def context(_app: web.Application) -> AsyncIterator[None]:
+def _upstream_client(settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext) -> Resource:
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[None]:
         # Bound to the configured origin: no request can name another host. No proxy or
         # netrc from the environment, no cookies, no headers the caller did not send.
         client = UpstreamClient(
@@ -155,8 +148,9 @@ def _background(
     name: str,
     run: Callable[[], Coroutine[Any, Any, None]],
     close: Callable[[], Coroutine[Any, Any, None]] | None = None,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def context(_app: web.Application) -> AsyncIterator[None]:
+) -> Resource:
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[None]:
         task = asyncio.ensure_future(run())
         yield
         task.cancel()
@@ -172,70 +166,69 @@ def _background(
 async def serve(
     gateway: Gateway, stop: asyncio.Event, started: asyncio.Event | None = None
 ) -> None:
-    """Run both listeners until `stop` is set, then shut down gracefully."""
+    """Start the resources and both listeners, serve until `stop` is set, shut down gracefully."""
     settings = gateway.settings
-    proxy_runner = ProxyRunner(
-        gateway.proxy_app,
-        handle_signals=False,
-        access_log=None,  # the access middleware writes the one line per request
-        shutdown_timeout=settings.shutdown_grace,
-        handler_cancellation=True,  # a caller that hangs up cancels its upstream exchange
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        max_headers=MAX_HEADERS,
-        # aiohttp closes a connection that has not completed a request's headers within
-        # the keep-alive timeout (counted from connect or the last answer): it is also the
-        # slowloris header timeout.
-        keepalive_timeout=settings.client_timeout,
+    async with contextlib.AsyncExitStack() as resources:
+        for resource in gateway.resources:
+            await resources.enter_async_context(resource())
+        proxy_runner = listener.proxy_runner(
+            gateway.handler,
+            client_timeout=settings.client_timeout,
+            shutdown_timeout=settings.shutdown_grace,
+        )
+        admin_runner = web.AppRunner(gateway.admin_app, handle_signals=False, access_log=None)
+        await admin_runner.setup()
+        await proxy_runner.setup()
+        try:
+            await _listen(gateway, proxy_runner, admin_runner)
+            if started is not None:
+                started.set()
+            await stop.wait()
+        finally:
+            # Shutdown, step by step (uvicorn's order):
+            # 1. mark not ready, so the platform stops sending new traffic;
+            gateway.readiness.draining = True
+            log.info("shutdown_started", grace_s=settings.shutdown_grace)
+            # 2. close the listener (new connections are refused), let in-flight requests
+            #    finish within the grace period, then cancel what is left;
+            await proxy_runner.cleanup()
+            # 3. stop the resources (upstream connections, background tasks), newest first;
+            await resources.aclose()
+            # 4. the admin listener goes last, so probes see "draining" until the end.
+            await admin_runner.cleanup()
+            log.info("shutdown_complete")
+
+
+async def _listen(
+    gateway: Gateway, proxy_runner: web.BaseRunner, admin_runner: web.BaseRunner
+) -> None:
+    settings = gateway.settings
+    proxy_site = web.TCPSite(
+        proxy_runner, settings.listen.host, settings.listen.port, reuse_port=settings.workers > 1
     )
-    admin_runner = web.AppRunner(gateway.admin_app, handle_signals=False, access_log=None)
-    await admin_runner.setup()
-    await proxy_runner.setup()
-    try:
-        proxy_site = web.TCPSite(
-            proxy_runner,
-            settings.listen.host,
-            settings.listen.port,
-            reuse_port=settings.workers > 1,
-        )
-        admin_site = web.TCPSite(
-            admin_runner,
-            settings.admin_listen.host,
-            settings.admin_listen.port,
-            reuse_port=settings.workers > 1,
-        )
-        await proxy_site.start()
-        await admin_site.start()
-        gateway.proxy_port = proxy_runner.addresses[0][1]
-        gateway.admin_port = admin_runner.addresses[0][1]
-        log.info(
-            "listening",
-            proxy=_bound(proxy_runner),
-            admin=_bound(admin_runner),
-            upstream=str(settings.upstream_url),
-            http_parser=http_parser_in_use(),
-        )
-        # Everything built so far (modules, settings, MSAL) lives as long as the process:
-        # moved out of the collector's sight, a full collection no longer walks it and the
-        # tail latency loses its GC pauses (gc.freeze docs; Instagram's pre-fork freeze).
-        gc.collect()
-        gc.freeze()
-        if started is not None:
-            started.set()
-        await stop.wait()
-    finally:
-        # Shutdown, step by step (uvicorn's order):
-        # 1. mark not ready, so the platform stops sending new traffic;
-        gateway.readiness.draining = True
-        log.info("shutdown_started", grace_s=settings.shutdown_grace)
-        # 2. close the listener (new connections are refused), let in-flight requests
-        #    finish within the grace period, then cancel what is left; cleanup contexts
-        #    (client session, background tasks) run after that;
-        await proxy_runner.cleanup()
-        # 3. the admin listener goes last, so probes see "draining" until the end.
-        await admin_runner.cleanup()
-        log.info("shutdown_complete")
+    admin_site = web.TCPSite(
+        admin_runner,
+        settings.admin_listen.host,
+        settings.admin_listen.port,
+        reuse_port=settings.workers > 1,
+    )
+    await proxy_site.start()
+    await admin_site.start()
+    gateway.proxy_port = proxy_runner.addresses[0][1]
+    gateway.admin_port = admin_runner.addresses[0][1]
+    log.info(
+        "listening",
+        proxy=_bound(proxy_runner),
+        admin=_bound(admin_runner),
+        upstream=str(settings.upstream_url),
+        http_parser=listener.http_parser_in_use(),
+    )
+    # Everything built so far (modules, settings, MSAL) lives as long as the process:
+    # moved out of the collector's sight, a full collection no longer walks it and the
+    # tail latency loses its GC pauses (gc.freeze docs; Instagram's pre-fork freeze).
+    gc.collect()
+    gc.freeze()
 
 
-def _bound(runner: web.AppRunner) -> str:
+def _bound(runner: web.BaseRunner) -> str:
     return ", ".join(f"{address[0]}:{address[1]}" for address in runner.addresses)

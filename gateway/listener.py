@@ -9,6 +9,7 @@ ten seconds. The proxy listener's handler names only the kind of problem, answer
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 
 from aiohttp import http_parser, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -84,15 +85,29 @@ class _ProxyServer(web.Server):
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose server is a _ProxyServer."""
+def proxy_runner(
+    handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    *,
+    client_timeout: float,
+    shutdown_timeout: float,
+) -> web.ServerRunner:
+    """The proxy listener: aiohttp's low-level server running `handler` for every request.
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp has no parameter for the connection-handler class: the Server it built
-        # (the application started, its settings applied) takes the subclass instead.
-        server.__class__ = _ProxyServer
-        return server
+    No application, router or middleware chain: the handler is the whole of it.
+    """
+    server = _ProxyServer(
+        handler,
+        handler_cancellation=True,  # a caller that hangs up cancels its upstream exchange
+        access_log=None,  # the handler writes the one line per request
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
+        # aiohttp closes a connection that has not completed a request's headers within
+        # the keep-alive timeout (counted from connect or the last answer): it is also the
+        # slowloris header timeout.
+        keepalive_timeout=client_timeout,
+    )
+    return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
 
 
 def http_parser_in_use() -> str:

@@ -1,4 +1,4 @@
-"""The proxy listener's middlewares; app.py lists them in order and says why."""
+"""The proxy listener's request steps around the proxy: context, log and metrics, errors, limits."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import os
 import re
 import time
 from asyncio import CancelledError
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import HttpVersion11, web
-from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import (
-    BadRequest,
     ExpectationFailed,
     GatewayError,
     MethodNotAllowed,
@@ -20,8 +19,9 @@ from gateway.errors import (
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
+from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, UpstreamHold
-from gateway.state import CLOSE_CONNECTION, CONTEXT, RequestContext
+from gateway.state import CLOSE_CONNECTION, RequestContext
 
 access_log = get_logger("access")
 log = get_logger("proxy")
@@ -29,18 +29,22 @@ log = get_logger("proxy")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
-def proxy_middleware(
-    metrics: Metrics, limiter: LocalLimiter, hold: UpstreamHold, caller_header: str | None
-) -> Middleware:
-    """The proxy listener's four steps, outermost first, as one middleware.
+def proxy_handler(
+    proxy: Proxy,
+    metrics: Metrics,
+    limiter: LocalLimiter,
+    hold: UpstreamHold,
+    caller_header: str | None,
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The proxy listener's request handler: its steps, outermost first, in one function.
 
-    They were four middlewares; one function keeps the order just as visible and saves
-    three coroutine frames per request, which the benchmark's profile showed is the
-    gateway's largest own cost (tests/perf/README.md).
+    They were four aiohttp middlewares behind a catch-all route; the listener now runs
+    aiohttp's low-level server with this one handler, because the application layer
+    (routing, the middleware chain) and every extra coroutine frame cost CPU on each
+    request, and the benchmark's profile showed them (tests/perf/README.md).
     """
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         # 1. Request context first: every later step and log line sees the request ID.
         ctx = _start_context(request)
         # 2. Access log and metrics wrap everything below, so refusals are counted too.
@@ -49,9 +53,12 @@ def proxy_middleware(
         try:
             # 3. Error mapping turns a GatewayError raised below into JSON; the only place.
             try:
-                # 4. Rate limiting last: a 429 before any body read or upstream I/O.
+                # 4. Rate limiting: a 429 before any body is read or any upstream I/O;
+                # only then is a caller that waits for "100 Continue" told to send its body.
                 _refuse_early(request, limiter, hold, metrics, caller_header)
-                response = await handler(request)
+                if "Expect" in request.headers:
+                    await expect_continue(request)
+                response = await proxy.handle(request, ctx)
             except Exception as exc:  # noqa: BLE001 - _map_error re-raises what it cannot answer
                 response = _map_error(ctx, exc)
             status = response.status
@@ -79,15 +86,14 @@ def proxy_middleware(
                 aborted=aborted or None,
             )
 
-    return middleware
+    return handle
 
 
-def _start_context(request: web.Request) -> RequestContext:
+def _start_context(request: web.BaseRequest) -> RequestContext:
     """The request's context, with the caller's X-Request-ID or a new one bound for logging."""
     given = request.headers.get("X-Request-ID")
     request_id = given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
     ctx = RequestContext(request_id)
-    request[CONTEXT] = ctx
     # Rebinding replaces the previous request's ID on a kept-alive connection's task;
     # nothing else is bound per request, so no clear_contextvars (it walks every variable).
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -100,7 +106,7 @@ def new_request_id() -> str:
 
 
 def _refuse_early(
-    request: web.Request,
+    request: web.BaseRequest,
     limiter: LocalLimiter,
     hold: UpstreamHold,
     metrics: Metrics,
@@ -126,12 +132,6 @@ def _map_error(ctx: RequestContext, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, GatewayError):
         ctx.error_code = exc.code
         return render_error(exc)
-    if isinstance(exc, web.HTTPNotFound):
-        # The catch-all route matches every origin-form target, so only another form
-        # ("*" of OPTIONS *, an authority) reaches here; it is the caller's error, not ours.
-        return _map_error(
-            ctx, BadRequest("only origin-form request targets (starting with /) are accepted")
-        )
     if isinstance(exc, web.HTTPException):
         # aiohttp's own refusals in the JSON shape.
         error = GatewayError(exc.reason)
@@ -157,16 +157,15 @@ def render_error(exc: GatewayError) -> web.Response:
     return response
 
 
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """aiohttp's Expect handling, with the gateway's JSON refusal.
+async def expect_continue(request: web.BaseRequest) -> None:
+    """Answer "Expect: 100-continue" on HTTP/1.1; refuse any other expectation (417).
 
-    It runs before any middleware; aiohttp's default builds its 417 text from the header
-    value, which fails (a 500) when that value holds bytes that are not UTF-8.
+    aiohttp's application layer did this with a 417 text built from the header value,
+    which failed (a 500) when that value held bytes that are not UTF-8.
     """
     if request.version != HttpVersion11:
-        return None
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the real answer's headers are still to come
-        return None
-    return render_error(ExpectationFailed("only 'Expect: 100-continue' is supported"))
+        return  # HTTP/1.0 has no 100 Continue (RFC 9110 §10.1.1): ignored
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the real answer's headers are still to come

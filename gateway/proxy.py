@@ -35,7 +35,7 @@ from gateway.errors import (
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import RetryBudget, UpstreamHold
-from gateway.state import CONTEXT, KeySource, RequestContext, TokenSource
+from gateway.state import KeySource, RequestContext, TokenSource
 from gateway.upstream import IDEMPOTENT, Response, UpstreamClient
 
 log = get_logger("proxy")
@@ -46,6 +46,7 @@ REPLAY_LIMIT = 1024 * 1024  # bodies up to this size are kept so a request can b
 SMALL_RESPONSE = 256 * 1024  # answers up to this size are relayed in one write
 _AUTH_BODY_LIMIT = 64 * 1024  # how much of a 401 body is read to tell key from token
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+_RECONSIDER = frozenset({401, 403, 429}) | RETRYABLE_STATUS  # answers _decide looks at
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection.
 HOP_BY_HOP = frozenset(
@@ -244,7 +245,7 @@ class Body:
         self,
         data: bytes | None,
         *,
-        request: web.Request | None = None,
+        request: web.BaseRequest | None = None,
         prefix: bytes = b"",
         limit: int = 0,
         read_timeout: float = 30.0,
@@ -270,7 +271,7 @@ class Body:
         self._consumed = True
         return self._stream(self._request)
 
-    async def _stream(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def _stream(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         sent = len(self._prefix)
         if self._prefix:
             yield self._prefix
@@ -285,7 +286,7 @@ class Body:
             yield chunk
 
 
-async def _read_chunk(request: web.Request, read_timeout: float) -> bytes:
+async def _read_chunk(request: web.BaseRequest, read_timeout: float) -> bytes:
     """The next piece of the caller's body (b"" at its end); BodyIncomplete on a stall or break."""
     try:
         async with asyncio.timeout(read_timeout):
@@ -296,7 +297,7 @@ async def _read_chunk(request: web.Request, read_timeout: float) -> bytes:
         raise BodyIncomplete("the request body breaks its framing") from None
 
 
-async def read_body(request: web.Request, limit: int, read_timeout: float) -> Body:
+async def read_body(request: web.BaseRequest, limit: int, read_timeout: float) -> Body:
     """Small bodies are read whole (replayable); large or unbounded ones are streamed."""
     length = request.content_length
     if length is not None and length > limit:
@@ -345,32 +346,26 @@ class Proxy:
     def __post_init__(self) -> None:
         self.base_path = self.settings.upstream_url.raw_path.rstrip("/")
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         """Forward one request and relay the answer."""
+        # One coroutine from here to the upstream client: each nested await is paid for
+        # on every request (the benchmark's profile).
         check_message(request.version, request.headers)
-        ctx = request[CONTEXT]
         settings = self.settings
         target = build_target(self.base_path, request.raw_path)
         headers = request_headers(request.headers, self.drop_headers)
         headers["X-Request-ID"] = ctx.request_id
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
         self.budget.record_request()
-        return await self._exchange(request, ctx, target, headers, body)
-
-    async def _exchange(
-        self,
-        request: web.Request,
-        ctx: RequestContext,
-        target: str,
-        headers: CIMultiDict[str],
-        body: Body,
-    ) -> web.StreamResponse:
+        method = request.method
         attempt = _Attempt(
             token=await self.tokens.token(),
             key=self.keys.current(),
             replayable=body.replayable,
-            idempotent=request.method in IDEMPOTENT,
+            idempotent=method in IDEMPOTENT,
         )
+        client = self.client
+        assert client is not None  # noqa: S101 - set by its resource before serving
         while True:
             refusal = self.hold.check()
             if refusal is not None:
@@ -380,21 +375,31 @@ class Proxy:
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
                 ctx.key_slot = attempt.key[0]
-            async with self._slot():
+            await self._take_slot()
+            try:
+                started = time.perf_counter()
                 try:
-                    response = await self._send(request.method, target, headers, body)
+                    response = await client.request(
+                        method, target, headers.items(), body.payload(), body.length
+                    )
                 except UpstreamUnreachable:
                     # A refused or reset connection, before any response byte. A timeout
                     # is not retried: the caller asked for an answer within it (504).
                     if await self._may_retry(attempt, "connect_error", None):
                         continue
                     raise
+                self.metrics.upstream_duration.observe(time.perf_counter() - started)
                 ctx.upstream_status = response.status
-                again, prefix = await self._decide(response, attempt)
-                if again:
-                    response.release()
-                    continue
+                if response.status in _RECONSIDER:
+                    again, prefix = await self._decide(response, attempt)
+                    if again:
+                        response.release()
+                        continue
+                else:
+                    prefix = b""
                 return await self._relay(request, ctx, response, prefix)
+            finally:
+                self.slots.release()
 
     async def _decide(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         """Whether to send again (fallback key, fresh token, retry), and any body already read."""
@@ -434,19 +439,16 @@ class Proxy:
             return True, prefix
         return False, prefix
 
-    def _slot(self) -> _SlotGuard:
-        return _SlotGuard(self.slots, self.settings.connection_wait)
-
-    async def _send(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body
-    ) -> Response:
-        assert self.client is not None  # noqa: S101 - set in the cleanup context before serving
-        started = time.perf_counter()
-        response = await self.client.request(
-            method, target, headers.items(), body.payload(), body.length
-        )
-        self.metrics.upstream_duration.observe(time.perf_counter() - started)
-        return response
+    async def _take_slot(self) -> None:
+        """One upstream exchange slot; waits a bounded time when all are busy."""
+        if not self.slots.locked():
+            await self.slots.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.settings.connection_wait):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise Overloaded("every upstream connection slot is busy; retry later") from None
 
     async def _may_retry(self, attempt: _Attempt, reason: str, hint: float | None) -> bool:
         """Wait and return True when a retry is allowed: idempotent, replayable, in budget."""
@@ -484,7 +486,7 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ctx: RequestContext,
         response: Response,
         prefix: bytes,
@@ -532,25 +534,3 @@ class _Attempt:
     retries: int = 0
     tried_other_key: bool = False
     refreshed_token: bool = False
-
-
-class _SlotGuard:
-    """Holds one upstream exchange slot; waits a bounded time for one to free up."""
-
-    __slots__ = ("_semaphore", "_wait")
-
-    def __init__(self, semaphore: asyncio.Semaphore, wait: float) -> None:
-        self._semaphore, self._wait = semaphore, wait
-
-    async def __aenter__(self) -> None:
-        if self._semaphore.locked():
-            try:
-                async with asyncio.timeout(self._wait):
-                    await self._semaphore.acquire()
-            except TimeoutError:
-                raise Overloaded("every upstream connection slot is busy; retry later") from None
-        else:
-            await self._semaphore.acquire()
-
-    async def __aexit__(self, *_: object) -> None:
-        self._semaphore.release()
