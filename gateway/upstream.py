@@ -17,6 +17,7 @@ Why it is safe to hand-write this much:
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections import deque
@@ -85,18 +86,17 @@ class UpstreamClient:
         through unchanged.
         """
         head = self._head(method, target, headers, body, length)
-        chunked = body is not None and not isinstance(body, bytes) and length is None
         connection = self._pooled()
         if connection is not None:
             try:
-                return await connection.exchange(method, head, body, chunked)
+                return await connection.exchange(method, head, body, length)
             except ClosedBeforeAnswer:
                 # The upstream closed a kept-alive connection as this request went out
                 # (RFC 9112 §9.3.1): sent again once, on a new connection, when that is safe.
                 if method not in IDEMPOTENT or not isinstance(body, bytes | None):
                     raise
         connection = await self._connect()
-        return await connection.exchange(method, head, body, chunked)
+        return await connection.exchange(method, head, body, length)
 
     async def close(self) -> None:
         """Close every connection (at shutdown, once no request is left)."""
@@ -114,7 +114,7 @@ class UpstreamClient:
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None,
     ) -> bytes:
-        fields = "".join([f"\r\n{name}: {value}" for name, value in headers])
+        fields = [f"\r\n{name}: {value}" for name, value in headers]
         if isinstance(body, bytes):
             framing = f"\r\nContent-Length: {len(body)}"
         elif body is None:
@@ -123,11 +123,12 @@ class UpstreamClient:
             framing = "\r\nTransfer-Encoding: chunked"
         else:
             framing = f"\r\nContent-Length: {length}"
-        head = f"{method} {target} HTTP/1.1{self._host_line}{fields}{framing}\r\n\r\n"
-        # Each line ends in CRLF, and nothing else may hold CR or LF: a value that does
-        # would smuggle a header or a second request to the upstream.
-        lines = head.count("\r\n")
-        if head.count("\r") != lines or head.count("\n") != lines:
+        head = f"{method} {target} HTTP/1.1{self._host_line}{''.join(fields)}{framing}\r\n\r\n"
+        # The head has exactly its own line ends: a CR or LF inside a target, name or value
+        # would smuggle a header or a second request to the upstream. Counting them is
+        # one pass in C instead of a check per field.
+        line_ends = 1 + len(fields) + (1 if framing else 0) + 2
+        if head.count("\r") != line_ends or head.count("\n") != line_ends:
             raise GatewayError("a request header holds CR or LF; nothing was sent")
         return head.encode()
 
@@ -160,7 +161,8 @@ class UpstreamClient:
         except ssl.SSLCertVerificationError:
             raise UpstreamUnreachable("the upstream's TLS certificate is not trusted") from None
         except OSError as exc:
-            reason = exc.strerror or "connection failed"
+            # asyncio's message names the address, not the cause; errno does.
+            reason = os.strerror(exc.errno) if exc.errno else "connection failed"
             raise UpstreamUnreachable(f"cannot connect to the upstream ({reason})") from None
         return connection
 
@@ -309,13 +311,16 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._method = ""
         self._fields: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._head_size = 0  # the head's size as llhttp reports its parts
+        self._received = False  # any byte of the current answer
         self._reason: bytes = b""
         self._keep_alive = False
         self._until_close = False  # the body ends when the connection does (no framing)
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._sending = False  # a streamed request body is still being written
 
     # ------------------------------------------------------------------ the exchange
 
@@ -324,7 +329,7 @@ class _Connection(asyncio.Protocol):
         method: str,
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
-        chunked: bool,
+        length: int | None,
     ) -> Response:
         """Write the request; return when the answer's head has arrived."""
         response = self.response = Response(self)
@@ -342,7 +347,11 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(head)
                 if body is not None:
-                    await self._stream(body, response, chunked)
+                    self._sending = True
+                    try:
+                        await self._stream(body, response, length)
+                    finally:
+                        self._sending = False
             while not response.head_done:
                 await response.wait()
         except GatewayError:
@@ -354,23 +363,33 @@ class _Connection(asyncio.Protocol):
             raise
         return response
 
-    async def _stream(self, body: AsyncIterator[bytes], response: Response, chunked: bool) -> None:
+    async def _stream(
+        self, body: AsyncIterator[bytes], response: Response, length: int | None
+    ) -> None:
         transport = self.transport
         assert transport is not None  # noqa: S101 - exchange() checked it
+        sent = 0
         async for chunk in body:
             if response.head_done or self.closed:
                 # The upstream answered (or hung up) before taking the whole body, e.g. a
                 # 413: the answer is relayed and this connection is not used again.
-                self._keep_alive = False
+                self.close_when_done()
                 return
-            if chunked:
+            if not chunk:
+                continue  # an empty chunk would end a chunked body early
+            sent += len(chunk)
+            if length is None:
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            elif sent > length:
+                raise GatewayError("the request body is longer than its Content-Length")
             else:
                 transport.write(chunk)
             if self._writing_paused:
                 await self._drained(response)
-        if chunked and not self.closed:
+        if length is None and not self.closed:
             transport.write(b"0\r\n\r\n")
+        elif length is not None and sent != length:
+            raise GatewayError("the request body is shorter than its Content-Length")
 
     async def _drained(self, response: Response) -> None:
         drain = self._drain = self.loop.create_future()
@@ -384,6 +403,7 @@ class _Connection(asyncio.Protocol):
             self._drain = None
         if self.closed and not response.head_done:
             raise UpstreamUnreachable("the upstream closed the connection during the request")
+        # An answer that arrived meanwhile ends the upload: _stream sees head_done.
 
     # ------------------------------------------------------------------ flow control
 
@@ -396,6 +416,12 @@ class _Connection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def close_when_done(self) -> None:
+        """Do not reuse this connection: closed once its answer is complete (or now)."""
+        self._keep_alive = False
+        if self.response is None:
+            self.close()
 
     def close(self) -> None:
         """Close the connection; it is never used again."""
@@ -417,15 +443,17 @@ class _Connection(asyncio.Protocol):
         if response is None or response.done:
             self.close()  # bytes nobody asked for: the upstream is out of step
             return
+        self._received = True
+        if not response.head_done:
+            # Also counted here: a head that never completes is not buffered without end.
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._invalid(response)
             return
-        if not response.head_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._invalid(response)
+        if not response.head_done and self._head_bytes > MAX_HEAD_BYTES:
+            self._invalid(response)
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost settles the answer
@@ -436,7 +464,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is not None and not response.done:
             if not response.head_done:
-                if self._head_bytes == 0 and not self._fields:
+                if not self._received:
                     response._fail(
                         ClosedBeforeAnswer("the upstream closed the connection before answering")
                     )
@@ -468,10 +496,13 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
+        self._head_size = len(reason) + 15  # "HTTP/1.1 200 " and CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
-        if len(fields) >= MAX_FIELDS or len(name) + len(value) > MAX_FIELD_BYTES:
+        size = len(name) + len(value)
+        self._head_size += size + 4  # ": " and CRLF
+        if len(fields) >= MAX_FIELDS or size > MAX_FIELD_BYTES or self._head_size > MAX_HEAD_BYTES:
             raise _OutOfStep
         fields.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
@@ -500,6 +531,9 @@ class _Connection(asyncio.Protocol):
             "Content-Length" not in headers and "Transfer-Encoding" not in headers
         )
         response.head_done = True
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # an upload waiting for the upstream to read stops here
         if bodyless and self._method == "HEAD":
             # llhttp does not know the method and would wait for a body; the answer ends
             # here, and the connection is not trusted with another.
@@ -521,9 +555,19 @@ class _Connection(asyncio.Protocol):
         response._wake()
         self.response = None
         self._head_bytes = 0
-        if self._keep_alive and not self.closed:
+        self._received = False
+        transport = self.transport
+        if (
+            self._keep_alive
+            and not self.closed
+            and not self._sending
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        ):
             self.client._released(self)
         else:
+            # Answered before the whole request was written: the upstream may still be
+            # reading it, so the connection is not trusted with another one.
             self.close()
 
     def _invalid(self, response: Response) -> None:
