@@ -7,6 +7,8 @@ mistake (an exception message quoting a header, say) still cannot print one.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import logging
 import sys
 import threading
@@ -73,6 +75,11 @@ def configure(
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    factory = _LineLoggerFactory(stream)
+    # The access line skips structlog's processor chain when it is JSON; the other
+    # formats go through structlog like every other line.
+    access_log.direct = factory.access_logger if fmt == "json" else None
+    access_log.enabled = _LEVELS[level] <= logging.INFO
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -84,7 +91,7 @@ def configure(
         ],
         # Filtering at the bound logger skips building events for disabled levels entirely.
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=_LineLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
     # aiohttp and msal log through the standard library; route warnings to the same stream.
@@ -130,15 +137,43 @@ class _LineLoggerFactory:
     def __init__(self, stream: TextIO) -> None:
         global _current  # noqa: PLW0603 - one output per process, like structlog's own config
         lock = threading.Lock()
-        self._buffered = _LineLogger(stream, lock, buffer_info=True)
+        self.access_logger = _LineLogger(stream, lock, buffer_info=True)
         _current = self._flushing = _LineLogger(stream, lock, buffer_info=False)
 
     def __call__(self, *args: Any) -> _LineLogger:
-        return self._buffered if args and args[0] == BUFFERED_LOGGER else self._flushing
+        return self.access_logger if args and args[0] == BUFFERED_LOGGER else self._flushing
 
 
 BUFFERED_LOGGER = "access"
 _current: _LineLogger | None = None
+_encode = json.JSONEncoder(separators=(", ", ": ")).encode  # JSONRenderer's layout
+
+
+class AccessLog:
+    """The one line per request, with the same fields, redaction and buffering as the rest.
+
+    It is the only log call every request makes: as JSON it is rendered here in one
+    step (4 µs) instead of through structlog's processor chain (8 µs); any other format
+    goes through structlog (tests/perf/README.md).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.direct: _LineLogger | None = None  # set by configure() for JSON output
+        self._structlog = get_logger(BUFFERED_LOGGER)
+
+    def request(self, request_id: str, **fields: Any) -> None:
+        """Log one answered request."""
+        if not self.enabled:
+            return
+        direct = self.direct
+        if direct is None:
+            self._structlog.info("request", **fields)  # request_id is in the context
+            return
+        event = {"component": BUFFERED_LOGGER, **fields}
+        event["event"], event["request_id"], event["level"] = "request", request_id, "info"
+        event["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat()[:-6] + "Z"
+        direct.info(_encode(redactor(direct, "info", event)))
 
 
 def flush() -> None:
@@ -165,3 +200,6 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     # The name reaches the logger factory, which buffers the access logger's info lines.
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name, component=name)
     return logger
+
+
+access_log = AccessLog()

@@ -17,13 +17,12 @@ from gateway.errors import (
     MethodNotAllowed,
     RateLimited,
 )
-from gateway.logging import get_logger
+from gateway.logging import access_log, get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import LocalLimiter, UpstreamHold
 from gateway.state import CLOSE_CONNECTION, RequestContext
 
-access_log = get_logger("access")
 log = get_logger("proxy")
 # A caller's X-Request-ID is kept only if it is short and plain: it is logged and sent on.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -44,11 +43,13 @@ def proxy_handler(
     request, and the benchmark's profile showed them (tests/perf/README.md).
     """
 
+    tally = metrics.tally
+
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         # 1. Request context first: every later step and log line sees the request ID.
         ctx = _start_context(request)
         # 2. Access log and metrics wrap everything below, so refusals are counted too.
-        metrics.inflight.inc()
+        tally.started()
         status, aborted = 500, False
         try:
             # 3. Error mapping turns a GatewayError raised below into JSON; the only place.
@@ -71,11 +72,10 @@ def proxy_handler(
             status, aborted = (499, True) if isinstance(exc, CancelledError) else (502, True)
             raise
         finally:
-            metrics.inflight.dec()
             seconds = time.perf_counter() - ctx.started
-            metrics.observe_request(request.method, status, seconds)
-            access_log.info(
-                "request",
+            tally.finished(request.method, status, seconds)
+            access_log.request(
+                ctx.request_id,
                 method=request.method,
                 path=request.path,
                 status=status,

@@ -82,6 +82,8 @@ _CALLER_ONLY = frozenset(
 
 
 _REQUEST_DROP = HOP_BY_HOP | _CALLER_ONLY
+# Connection values that name no other header ("keep-alive" is hop-by-hop already).
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
 
 # --------------------------------------------------------------------------- URL policy
@@ -171,9 +173,9 @@ def check_message(version: aiohttp.HttpVersion, headers: CIMultiDictProxy[str]) 
         version != aiohttp.HttpVersion11 or [c.strip().lower() for c in codings] != ["chunked"]
     ):
         raise MalformedRequest("Transfer-Encoding must be exactly 'chunked', on HTTP/1.1")
-    if any("_" in name for name in headers):
-        raise MalformedRequest("header names with underscores are refused")
     for name, value in headers.items():
+        if "_" in name:
+            raise MalformedRequest("header names with underscores are refused")
         if not (name.isascii() and value.isascii()):
             # Bytes that are not UTF-8 arrive surrogate-escaped; the two parsers then
             # disagree on what to do with them, so such a request is not forwarded.
@@ -184,12 +186,15 @@ def check_message(version: aiohttp.HttpVersion, headers: CIMultiDictProxy[str]) 
                 raise MalformedRequest("header fields must be valid UTF-8") from None
 
 
-def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Header names listed in Connection: hop-by-hop by declaration."""
+    values = headers.getall("Connection", ())
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return _PLAIN_CONNECTION  # what nearly every answer says; nothing extra to drop
     named: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in values:
         named.update(token.strip().lower() for token in value.split(","))
-    return named
+    return frozenset(named)
 
 
 def request_headers(
@@ -208,7 +213,7 @@ def _end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
 ) -> CIMultiDict[str]:
     """`headers` without the names in `drop` (lower case), those Connection names, Proxy-*."""
-    named = connection_named(headers) if "Connection" in headers else set()
+    named = connection_named(headers) if "Connection" in headers else _PLAIN_CONNECTION
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
@@ -286,6 +291,9 @@ class Body:
             yield chunk
 
 
+_NO_BODY = Body(None)  # shared: a body of None has no state
+
+
 async def _read_chunk(request: web.BaseRequest, read_timeout: float) -> bytes:
     """The next piece of the caller's body (b"" at its end); BodyIncomplete on a stall or break."""
     try:
@@ -299,11 +307,11 @@ async def _read_chunk(request: web.BaseRequest, read_timeout: float) -> bytes:
 
 async def read_body(request: web.BaseRequest, limit: int, read_timeout: float) -> Body:
     """Small bodies are read whole (replayable); large or unbounded ones are streamed."""
+    if not request.body_exists:
+        return _NO_BODY
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the request body ({length} bytes) exceeds {limit} bytes")
-    if not request.body_exists:
-        return Body(None)
     keep = min(REPLAY_LIMIT, limit)
     buffered = bytearray()
     while len(buffered) <= keep:
@@ -388,7 +396,7 @@ class Proxy:
                     if await self._may_retry(attempt, "connect_error", None):
                         continue
                     raise
-                self.metrics.upstream_duration.observe(time.perf_counter() - started)
+                self.metrics.tally.upstream_answered(time.perf_counter() - started)
                 ctx.upstream_status = response.status
                 if response.status in _RECONSIDER:
                     again, prefix = await self._decide(response, attempt)

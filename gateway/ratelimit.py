@@ -139,8 +139,13 @@ class UpstreamHold:
 
     def check(self) -> Refusal | None:
         """A refusal while the hold lasts."""
+        if not self._until:
+            return None  # no hold since the last one ended: no clock reading needed
         left = self.remaining()
-        return Refusal("upstream", left) if left > 0 else None
+        if left > 0:
+            return Refusal("upstream", left)
+        self._until = 0.0
+        return None
 
 
 class RetryBudget:
