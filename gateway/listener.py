@@ -56,7 +56,7 @@ class _ProxyRequestHandler(web.RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         """Send the answer; end the connection at once when the answer says so."""
         result = await super().finish_response(request, resp, start_time)
-        if resp.get(CLOSE_CONNECTION):
+        if resp.status >= 400 and resp.get(CLOSE_CONNECTION):  # only refusals carry it
             # Without this aiohttp keeps reading ("lingering") up to 10 s to drain a body
             # whose framing was just refused, or the tunnel bytes after a CONNECT.
             self.force_close()

@@ -76,8 +76,8 @@ def proxy_handler(
             tally.finished(request.method, status, seconds)
             access_log.request(
                 ctx.request_id,
+                request.path,
                 method=request.method,
-                path=request.path,
                 status=status,
                 duration_ms=round(seconds * 1000, 2),
                 upstream_status=ctx.upstream_status,
