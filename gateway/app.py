@@ -22,7 +22,7 @@ from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from gateway.ratelimit import LocalLimiter, RetryBudget, UpstreamHold
+from gateway.ratelimit import ExchangeSlots, LocalLimiter, RetryBudget, UpstreamHold
 from gateway.state import METRICS, READINESS, Readiness
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 from gateway.upstream import UpstreamClient
@@ -81,7 +81,7 @@ def create_app(
         keys=keys,
         hold=hold,
         budget=RetryBudget(clock=monotonic),
-        slots=asyncio.Semaphore(settings.max_connections),
+        slots=ExchangeSlots(settings.max_connections),
         # The caller-identity header is for the gateway only, never for the upstream.
         drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
     )

@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
-from gateway.ratelimit import RetryBudget, UpstreamHold
+from gateway.ratelimit import ExchangeSlots, RetryBudget, UpstreamHold
 from gateway.state import KeySource, RequestContext, TokenSource
 from gateway.upstream import IDEMPOTENT, Response, UpstreamClient
 
@@ -344,8 +344,8 @@ class Proxy:
     keys: KeySource
     hold: UpstreamHold
     budget: RetryBudget
+    slots: ExchangeSlots
     client: UpstreamClient | None = None
-    slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: Callable[[], float] = random.random
     drop_headers: frozenset[str] = frozenset()
@@ -383,7 +383,10 @@ class Proxy:
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
                 ctx.key_slot = attempt.key[0]
-            await self._take_slot()
+            if not self.slots.try_take() and not await self.slots.take(
+                self.settings.connection_wait
+            ):
+                raise Overloaded("every upstream connection slot is busy; retry later")
             try:
                 started = time.perf_counter()
                 try:
@@ -407,7 +410,7 @@ class Proxy:
                     prefix = b""
                 return await self._relay(request, ctx, response, prefix)
             finally:
-                self.slots.release()
+                self.slots.give_back()
 
     async def _decide(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         """Whether to send again (fallback key, fresh token, retry), and any body already read."""
@@ -446,17 +449,6 @@ class Proxy:
             attempt.refreshed_token = True
             return True, prefix
         return False, prefix
-
-    async def _take_slot(self) -> None:
-        """One upstream exchange slot; waits a bounded time when all are busy."""
-        if not self.slots.locked():
-            await self.slots.acquire()
-            return
-        try:
-            async with asyncio.timeout(self.settings.connection_wait):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise Overloaded("every upstream connection slot is busy; retry later") from None
 
     async def _may_retry(self, attempt: _Attempt, reason: str, hint: float | None) -> bool:
         """Wait and return True when a retry is allowed: idempotent, replayable, in budget."""

@@ -7,8 +7,11 @@ key, and a shared (Redis-backed) limiter can later stand beside the in-process o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -189,3 +192,64 @@ class RetryBudget:
                 self._requests[stale] = self._retries[stale] = 0
             self._second = second
         return second % self._window
+
+
+class ExchangeSlots:
+    """At most `limit` upstream exchanges at once; past that, requests wait their turn.
+
+    asyncio.Semaphore did this, at a coroutine call, a scan of its waiters and a wake-up
+    pass per request; here a free slot is one decrement, and the waiting machinery runs
+    only when every slot is taken (tests/perf/README.md).
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        # Waiters exist only while no slot is free: a freed slot goes to the first of them.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def free(self) -> int:
+        """Slots nobody holds."""
+        return self._free
+
+    def try_take(self) -> bool:
+        """Take a slot if one is free at once."""
+        if self._free:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self, wait: float) -> bool:
+        """Take a slot, waiting at most `wait` seconds in line; False when none came."""
+        if self.try_take():
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait):
+                await waiter
+        except TimeoutError:
+            return self._leave_line(waiter)
+        except BaseException:
+            self._leave_line(waiter)
+            raise
+        return True
+
+    def _leave_line(self, waiter: asyncio.Future[None]) -> bool:
+        if waiter.done() and not waiter.cancelled():
+            self.give_back()  # handed a slot just as the wait ended: it goes to the next
+        else:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        return False
+
+    def give_back(self) -> None:
+        """Free a slot: the first live waiter gets it, else it becomes free."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1

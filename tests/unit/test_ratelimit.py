@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
 
 import pytest
 
 from gateway import config
 from gateway.app import worker_limiter
-from gateway.ratelimit import LocalLimiter, Refusal, RetryBudget, TokenBucket, UpstreamHold
+from gateway.ratelimit import (
+    ExchangeSlots,
+    LocalLimiter,
+    Refusal,
+    RetryBudget,
+    TokenBucket,
+    UpstreamHold,
+)
 from tests.clock import FakeClock
 
 
@@ -153,3 +161,67 @@ def test_workers_share_the_configured_limits() -> None:
     assert [limiter.check(None) is None for _ in range(4)] == [True, True, True, False]
     clock.now += 1.0
     assert sum(1 for _ in range(10) if limiter.check(None) is None) == 3  # 5/s, burst 3
+
+
+async def test_exchange_slots_are_taken_at_once_until_none_is_free() -> None:
+    """Free slots are taken without waiting; the next request must wait."""
+    slots = ExchangeSlots(2)
+    assert slots.try_take()
+    assert await slots.take(wait=0)
+    assert slots.free == 0
+    assert not slots.try_take()
+
+
+async def test_a_freed_slot_goes_to_the_first_waiter() -> None:
+    """Waiters are served in order, each by a slot given back, never by a slot out of thin air."""
+    slots = ExchangeSlots(1)
+    assert slots.try_take()
+    first = asyncio.ensure_future(slots.take(wait=5))
+    second = asyncio.ensure_future(slots.take(wait=5))
+    await asyncio.sleep(0)
+    slots.give_back()
+    assert await first
+    assert not second.done()
+    assert slots.free == 0
+    slots.give_back()
+    assert await second
+    slots.give_back()
+    assert slots.free == 1
+
+
+async def test_waiting_past_the_limit_gives_up_and_loses_no_slot() -> None:
+    """A wait that times out returns False; later the slot count is whole again."""
+    slots = ExchangeSlots(1)
+    assert slots.try_take()
+    assert not await slots.take(wait=0.01)
+    slots.give_back()
+    assert slots.free == 1
+
+
+async def test_a_cancelled_waiter_does_not_swallow_a_slot() -> None:
+    """A caller that goes away while waiting leaves the line; the slot goes to the next one."""
+    slots = ExchangeSlots(1)
+    assert slots.try_take()
+    leaving = asyncio.ensure_future(slots.take(wait=5))
+    staying = asyncio.ensure_future(slots.take(wait=5))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.sleep(0)
+    slots.give_back()
+    assert await staying
+    assert leaving.cancelled()
+    slots.give_back()
+    assert slots.free == 1
+
+
+async def test_a_slot_handed_over_as_the_wait_ends_is_passed_on() -> None:
+    """Handed a slot and cancelled in the same turn: the slot goes back, none is lost."""
+    slots = ExchangeSlots(1)
+    assert slots.try_take()
+    waiting = asyncio.ensure_future(slots.take(wait=5))
+    await asyncio.sleep(0)
+    slots.give_back()  # the waiter's future is resolved ...
+    waiting.cancel()  # ... and its task cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert slots.free == 1
