@@ -491,8 +491,8 @@ class Proxy:
         response: Response,
         prefix: bytes,
     ) -> web.StreamResponse:
+        # X-Request-ID: the handler adds it to answers not yet sent, as to every answer.
         headers = response_headers(response.headers)
-        headers["X-Request-ID"] = ctx.request_id
         length = response.content_length
         if request.method == "HEAD" or response.status in (204, 304):
             response.release()
@@ -500,10 +500,11 @@ class Proxy:
                 status=response.status, reason=response.reason, headers=headers
             )
         if length is not None and length <= SMALL_RESPONSE:
-            data = prefix + await response.read()
+            data = response.body() if response.done else await response.read()
             return web.Response(
-                status=response.status, reason=response.reason, headers=headers, body=data
+                status=response.status, reason=response.reason, headers=headers, body=prefix + data
             )
+        headers["X-Request-ID"] = ctx.request_id  # sent below, before the handler sees it
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
         ctx.response_started = True

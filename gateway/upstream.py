@@ -237,6 +237,10 @@ class Response:
             if self._buffered > _READ_LOW_WATER:
                 self._connection.resume_reading()  # the whole body is wanted anyway
             await self.wait()
+        return self.body()
+
+    def body(self) -> bytes:
+        """The whole body of an answer that is `done` (read() waits for that)."""
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
