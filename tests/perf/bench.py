@@ -671,6 +671,7 @@ class Report:
     token_calls_startup: int = 0
     token_calls_load: int = 0
     gateway_rss_idle: int = 0
+    libraries_rss: int = 0  # a process that only imports the gateway's libraries
     gateway_rss_peak_load: int = 0
     gateway_requests_counted: float = math.nan
     log_lines: int = 0
@@ -770,6 +771,7 @@ async def run(opts: Options, say: Callable[[str], None]) -> Report:
         gateway, report.startup_s = await start_gateway(stack, opts, env, workdir)
         report.token_calls_startup = await token_calls(session, issuer.port) - calls_before
         report.gateway_rss_idle = procfs.rss_bytes(gateway.pid)
+        report.libraries_rss = await libraries_rss()
         say(f"gateway ready in {report.startup_s:.2f} s")
 
         targets = [Target("direct", f"http://127.0.0.1:{upstream.port}/v1/ping", upstream.pid)]
@@ -876,6 +878,26 @@ async def profile_gateway(tools: Tools, opts: Options, target: Target, workdir: 
         await measure_throughput(tools, opts, target)
     await sampler.wait()
     (opts.out / "profile-top.txt").write_text(summarise_collapsed(raw.read_text()))
+
+
+# The third-party libraries the gateway is built on, as its brief names them, plus uvloop.
+LIBRARIES = ("aiohttp.web", "msal", "structlog", "prometheus_client", "cachetools", "uvloop")
+
+
+async def libraries_rss() -> int:
+    """RSS of a fresh interpreter that imports the gateway's libraries and nothing else.
+
+    The floor under the gateway's own memory: no code of the gateway, no connection, no
+    token, just what importing the libraries it is built on costs.
+    """
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        f"import {', '.join(LIBRARIES)}; print(open('/proc/self/statm').read().split()[1])",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await probe.communicate()
+    return int(out) * os.sysconf("SC_PAGE_SIZE")
 
 
 def summarise_collapsed(text: str, top: int = 30) -> str:
@@ -1042,6 +1064,12 @@ def target_table(report: Report) -> list[str]:
         ),
         ("RSS peak under load (VmHWM), MB", _mb(report.gateway_rss_peak_load / 1e6), "", None),
         ("RSS idle after start, MB", _mb(report.gateway_rss_idle / 1e6), "", None),
+        (
+            "RSS of its libraries alone (imported, nothing run), MB",
+            _mb(report.libraries_rss / 1e6),
+            "",
+            None,
+        ),
     ]
     for stream in report.streams:
         rows.append(
@@ -1299,6 +1327,8 @@ def summary(report: Report) -> dict[str, object]:
         "startup_s": report.startup_s,
         "token_calls_startup": report.token_calls_startup,
         "token_calls_load": report.token_calls_load,
+        "gateway_rss_idle": report.gateway_rss_idle,
+        "libraries_rss": report.libraries_rss,
         "streams": [
             {"direction": s.direction, "size": s.size, "growth": s.growth, "seconds": s.seconds}
             for s in report.streams

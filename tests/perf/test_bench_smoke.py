@@ -41,4 +41,6 @@ def test_quick_bench_reports_every_figure(tools: str, tmp_path: Path) -> None:
     assert gateway["p99_ms"] > 0
     assert gateway["cpu_per_1000"] > 0
     assert figures["token_calls_load"] == 0
+    # The libraries alone are measured in a process of their own: less than the gateway.
+    assert 0 < figures["libraries_rss"] < figures["gateway_rss_idle"]
     assert [stream["direction"] for stream in figures["streams"]] == ["upload", "download"]
