@@ -68,7 +68,7 @@ class Options:
     """What one benchmark run does."""
 
     duration: float = 10.0  # seconds per measurement
-    rounds: int = 3
+    rounds: int = 5
     warmup: float = 2.0
     rate: float = 1000.0  # open-loop requests per second
     connections: int = 50  # closed-loop connections
@@ -1204,7 +1204,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "--quick", action="store_true", help="a few seconds, tiny sizes (the smoke test)"
     )
     parser.add_argument("--duration", type=float, help="seconds per measurement (default 10)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 5)")
     parser.add_argument("--rate", type=float, help="open-loop requests/s (default 1000)")
     parser.add_argument("--connections", type=int, help="closed-loop connections (default 50)")
     parser.add_argument("--stream-mib", type=int, help="MiB streamed each way (default 1024)")
