@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -42,15 +41,6 @@ async def fetch(
         ledger.record(f"{method} {path}", f"{list(response.headers.items())}\n")
         ledger.record(f"{method} {path} body", body)
         return response.status, dict(response.headers), body
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def test_connection_refused_is_502(
