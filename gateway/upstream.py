@@ -359,11 +359,9 @@ class _Connection(asyncio.Protocol):
                         self._sending = False
             while not response.head_done:
                 await response.wait()
-        except GatewayError:
-            self.close()
-            raise
         except BaseException:
-            # The body iterator failed (the caller's side), or the exchange was cancelled.
+            # The upstream failed, the body iterator did (the caller's side), or the exchange
+            # was cancelled: this connection's state is unknown, so it is not used again.
             self.close()
             raise
         return response
