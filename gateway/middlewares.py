@@ -15,11 +15,10 @@ from gateway.errors import (
     ExpectationFailed,
     GatewayError,
     MethodNotAllowed,
-    RateLimited,
 )
 from gateway.logging import access_log, get_logger
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
+from gateway.proxy import Proxy, refuse
 from gateway.ratelimit import LocalLimiter, UpstreamHold
 from gateway.state import CLOSE_CONNECTION, RequestContext
 
@@ -123,8 +122,7 @@ def _refuse_early(
         caller = request.headers.get(caller_header) if caller_header else None
         refusal = limiter.check(caller)
     if refusal is not None:
-        metrics.rate_limited.labels(scope=refusal.scope).inc()
-        raise RateLimited(refusal.message(), headers=refusal.headers())
+        refuse(refusal, metrics)
 
 
 def _map_error(ctx: RequestContext, exc: Exception) -> web.StreamResponse:

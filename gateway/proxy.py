@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC
+from typing import NoReturn
 from urllib.parse import unquote
 
 import aiohttp
@@ -34,7 +35,7 @@ from gateway.errors import (
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
-from gateway.ratelimit import ExchangeSlots, RetryBudget, UpstreamHold
+from gateway.ratelimit import ExchangeSlots, Refusal, RetryBudget, UpstreamHold
 from gateway.state import KeySource, RequestContext, TokenSource
 from gateway.upstream import IDEMPOTENT, Response, UpstreamClient
 
@@ -240,6 +241,12 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - now)
 
 
+def refuse(refusal: Refusal, metrics: Metrics) -> NoReturn:
+    """Count a local 429 by its scope and raise it, with its Retry-After and RateLimit headers."""
+    metrics.rate_limited.labels(scope=refusal.scope).inc()
+    raise RateLimited(refusal.message(), headers=refusal.headers())
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -377,8 +384,7 @@ class Proxy:
         while True:
             refusal = self.hold.check()
             if refusal is not None:
-                self.metrics.rate_limited.labels(scope=refusal.scope).inc()
-                raise RateLimited(refusal.message(), headers=refusal.headers())
+                refuse(refusal, self.metrics)
             headers["Authorization"] = f"Bearer {attempt.token}"
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
