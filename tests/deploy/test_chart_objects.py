@@ -12,6 +12,7 @@ import pytest
 from .interface import GATEWAY_ENV, HEALTH_PATH, READY_PATH, SECRET_ENV
 from .tools import (
     CHART,
+    CI,
     CI_VALUES,
     FULLNAME,
     Helm,
@@ -26,7 +27,6 @@ from .tools import (
     read_yaml,
 )
 
-CI: Final = {path.name.removesuffix("-values.yaml"): path for path in CI_VALUES}
 ALL_COMBINATIONS: Final = [None, *CI_VALUES]
 IDS: Final = ["defaults", *CI]
 TENANT: Final = "00000000-0000-0000-0000-000000000001"

@@ -18,6 +18,7 @@ import pytest
 
 from .tools import (
     CHART,
+    CI,
     CI_VALUES,
     FULLNAME,
     KUBE_VERSIONS,
@@ -38,7 +39,7 @@ CRD_KINDS: Final = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 
 COMBINATIONS: Final = [
     pytest.param(None, id="defaults"),
-    *[pytest.param(path, id=path.name.removesuffix("-values.yaml")) for path in CI_VALUES],
+    *[pytest.param(path, id=name) for name, path in CI.items()],
 ]
 
 

@@ -20,7 +20,7 @@ import pytest
 from tests.certs import client_certificate
 
 from .tools import (
-    CI_VALUES,
+    CI,
     Helm,
     Manifest,
     console_tool,
@@ -121,7 +121,7 @@ def check_config(env: Mapping[str, str], cwd: Path) -> subprocess.CompletedProce
     ("values_file", "values"),
     [
         pytest.param(None, IDS, id="defaults-with-ids"),
-        *[pytest.param(p, None, id=p.name.removesuffix("-values.yaml")) for p in CI_VALUES],
+        *[pytest.param(path, None, id=name) for name, path in CI.items()],
     ],
 )
 def test_gateway_accepts_the_rendered_configuration(

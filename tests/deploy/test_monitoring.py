@@ -24,7 +24,7 @@ from .interface import (
 )
 from .tools import (
     CHART,
-    CI_VALUES,
+    CI,
     FULLNAME,
     Helm,
     Manifest,
@@ -35,7 +35,6 @@ from .tools import (
     read_yaml,
 )
 
-CI: Final = {path.name.removesuffix("-values.yaml"): path for path in CI_VALUES}
 DASHBOARD: Final = CHART / "dashboards" / "ci-gateway.json"
 ALERTS: Final = frozenset(
     {

@@ -27,6 +27,8 @@ import yaml
 REPO: Final = Path(__file__).resolve().parents[2]
 CHART: Final = REPO / "helm" / "ci-gateway"
 CI_VALUES: Final = tuple(sorted((CHART / "ci").glob("*-values.yaml")))
+# The same files by their short name ("gateway-secret" for ci/gateway-secret-values.yaml).
+CI: Final = {path.name.removesuffix("-values.yaml"): path for path in CI_VALUES}
 RELEASE: Final = "cigw"
 NAMESPACE: Final = "apps"
 FULLNAME: Final = f"{RELEASE}-ci-gateway"
