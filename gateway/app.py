@@ -15,9 +15,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import admin, listener, middlewares
+from gateway import admin, listener
 from gateway import logging as gateway_logging
 from gateway.config import Settings
+from gateway.handler import proxy_handler
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
@@ -86,7 +87,7 @@ def create_app(
         drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
     )
 
-    handler = middlewares.proxy_handler(proxy, metrics, limiter, hold, caller_header)
+    handler = proxy_handler(proxy, metrics, limiter, hold, caller_header)
     trust = settings.upstream_trust
     # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
     upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)

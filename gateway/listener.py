@@ -15,8 +15,8 @@ from aiohttp import http_parser, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 
-from gateway import middlewares
 from gateway.errors import GatewayError, HeaderFieldsTooLarge, MalformedRequest, UriTooLong
+from gateway.handler import render_error
 from gateway.logging import get_logger
 from gateway.state import CLOSE_CONNECTION
 
@@ -49,7 +49,7 @@ class _ProxyRequestHandler(web.RequestHandler):
         # aiohttp's own answer and log line quote the offending bytes, which may hold a
         # caller's credentials; this one names only the kind of problem.
         log.warning("malformed_request", status=error.status, reason=type(exc).__name__)
-        return middlewares.render_error(error)
+        return render_error(error)
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None

@@ -1,4 +1,4 @@
-"""The proxy listener's request steps around the proxy: context, log and metrics, errors, limits."""
+"""The proxy listener's one request handler: context, log, errors and limits around the proxy."""
 
 from __future__ import annotations
 
