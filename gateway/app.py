@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import ExchangeSlots, LocalLimiter, RetryBudget, UpstreamHold
 from gateway.state import METRICS, READINESS, Readiness
+from gateway.tls import ReloadingTLS
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 from gateway.upstream import UpstreamClient
 
@@ -48,6 +49,8 @@ class Gateway:
     # drained (aiohttp's cleanup-context contract: stopped only if started).
     resources: tuple[Resource, ...]
     admin_app: web.Application
+    # HTTPS on the proxy listener (CIGW_TLS_CERT_FILE/KEY_FILE), the pair re-read on change.
+    tls: ReloadingTLS | None = None
     proxy_port: int = 0  # the bound ports, known once serve() has started the listeners
     admin_port: int = 0
 
@@ -91,18 +94,25 @@ def create_app(
     trust = settings.upstream_trust
     # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
     upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)
-    resources = (
+    tls = (
+        ReloadingTLS(settings.tls, on_reload=metrics.tls_reloaded)
+        if settings.tls is not None
+        else None
+    )
+    resources: tuple[Resource, ...] = (
         _upstream_client(settings, proxy, upstream_tls),
         _background("token renewal", tokens.run, tokens.close),
         _background("key file watch", keys.watch),
         _background("log flush", gateway_logging.flush_periodically, _flush_logs),
     )
+    if tls is not None:
+        resources += (_background("tls certificate watch", tls.watch),)
 
     admin_app = web.Application()
     admin_app[METRICS] = metrics
     admin_app[READINESS] = readiness
     admin_app.add_routes(admin.routes())
-    return Gateway(settings, metrics, tokens, keys, readiness, handler, resources, admin_app)
+    return Gateway(settings, metrics, tokens, keys, readiness, handler, resources, admin_app, tls)
 
 
 def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalLimiter:
@@ -205,7 +215,11 @@ async def _listen(
 ) -> None:
     settings = gateway.settings
     proxy_site = web.TCPSite(
-        proxy_runner, settings.listen.host, settings.listen.port, reuse_port=settings.workers > 1
+        proxy_runner,
+        settings.listen.host,
+        settings.listen.port,
+        reuse_port=settings.workers > 1,
+        ssl_context=gateway.tls.listener_context if gateway.tls else None,
     )
     admin_site = web.TCPSite(
         admin_runner,
@@ -222,6 +236,7 @@ async def _listen(
         proxy=_bound(proxy_runner),
         admin=_bound(admin_runner),
         upstream=str(settings.upstream_url),
+        tls=gateway.tls is not None,
         http_parser=listener.http_parser_in_use(),
     )
     # Everything built so far (modules, settings, MSAL) lives as long as the process:

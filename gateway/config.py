@@ -19,6 +19,7 @@ from yarl import URL
 
 from gateway.credentials import CertificateError, Secret, load_certificate
 from gateway.errors import ConfigError
+from gateway.tls import TLSFiles, TLSPairError, server_context
 
 __all__ = [
     "ConfigError",
@@ -28,6 +29,7 @@ __all__ = [
     "Listen",
     "Secret",
     "Settings",
+    "TLSFiles",
     "load",
 ]
 
@@ -112,6 +114,8 @@ class Settings:
     connection_wait: float = 5.0
     client_timeout: float = 30.0
     workers: int = 1
+    # HTTPS on the proxy listener when set (CIGW_TLS_CERT_FILE and CIGW_TLS_KEY_FILE).
+    tls: TLSFiles | None = None
     # REQUESTS_CA_BUNDLE or SSL_CERT_FILE: the trust store both clients use unless a
     # CIGW_*_CA_FILE names a more specific one.
     ca_bundle: Path | None = None
@@ -151,6 +155,8 @@ class Settings:
         ):
             shown[env] = _BY_ENV[env].describe(key.value if key else None)
             shown[f"{env}_FILE"] = _BY_ENV[f"{env}_FILE"].describe(key.file if key else None)
+        shown["CIGW_TLS_CERT_FILE"] = str(self.tls.cert_file) if self.tls else "(unset)"
+        shown["CIGW_TLS_KEY_FILE"] = str(self.tls.key_file) if self.tls else "(unset)"
         shown["source"] = self.source
         return shown
 
@@ -330,6 +336,8 @@ _OPTIONS: tuple[_Option[Any], ...] = (
     _Option("CIGW_MAX_CONNECTIONS", _integer(1, 100_000), "max_connections"),
     _Option("CIGW_CONNECTION_WAIT", _number(0), "connection_wait"),
     _Option("CIGW_WORKERS", _integer(1, 64), "workers"),
+    _Option("CIGW_TLS_CERT_FILE", _readable_file),
+    _Option("CIGW_TLS_KEY_FILE", _readable_file),
 )
 _BY_ENV = {opt.env: opt for opt in _OPTIONS}
 _BY_YAML = {opt.yaml_key: opt for opt in _OPTIONS}
@@ -370,6 +378,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
             "set CIGW_SUBSCRIPTION_KEY or CIGW_SUBSCRIPTION_KEY_FILE too"
         )
     _check_rate_limits(values, problems)
+    tls = _tls_files(values, raw, problems)
     if problems or credential is None:
         raise ConfigError(problems or ["no credential configured"])
 
@@ -389,6 +398,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
         credential=credential,
         primary_key=primary,
         secondary_key=secondary,
+        tls=tls,
         source=source,
         **kwargs,
     )
@@ -513,6 +523,28 @@ def _check_rate_limits(values: Mapping[str, Any], problems: list[str]) -> None:
         )
     if header and not caller_rps:
         problems.append("CIGW_RATE_LIMIT_CALLER_HEADER is set without CIGW_RATE_LIMIT_CALLER_RPS")
+
+
+def _tls_files(
+    values: Mapping[str, Any], raw: Mapping[str, str], problems: list[str]
+) -> TLSFiles | None:
+    given = [env for env in ("CIGW_TLS_CERT_FILE", "CIGW_TLS_KEY_FILE") if env in raw]
+    if not given:
+        return None
+    if len(given) == 1:
+        (missing,) = {"CIGW_TLS_CERT_FILE", "CIGW_TLS_KEY_FILE"} - set(given)
+        problems.append(f"{given[0]} is set without {missing}: HTTPS needs both")
+        return None
+    cert, key = values.get("CIGW_TLS_CERT_FILE"), values.get("CIGW_TLS_KEY_FILE")
+    if cert is None or key is None:
+        return None  # unreadable: already reported
+    files = TLSFiles(cert, key)
+    try:
+        server_context(files)  # the listener would fail later, after the pod looked started
+    except TLSPairError as exc:
+        problems.append(f"CIGW_TLS_CERT_FILE/CIGW_TLS_KEY_FILE: {exc}")
+        return None
+    return files
 
 
 def _ca_bundle(environ: Mapping[str, str]) -> Path | None:

@@ -96,6 +96,12 @@ class Metrics:
             "Retries skipped because the retry budget was spent.",
             registry=registry,
         )
+        self.tls_reloads = Counter(
+            "cigw_tls_reloads",
+            "Proxy-listener certificate files re-read after a change, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             "cigw_build_info",
             "Always 1; the version label says which build runs.",
@@ -111,6 +117,12 @@ class Metrics:
             self.upstream_retries.labels(reason=reason)
         for credential in ("key", "token"):
             self.upstream_auth_rejections.labels(credential=credential)
+        for outcome in ("success", "failure"):
+            self.tls_reloads.labels(outcome=outcome)
+
+    def tls_reloaded(self, ok: bool) -> None:
+        """Count a certificate reload: taken, or refused and the previous pair kept."""
+        self.tls_reloads.labels(outcome="success" if ok else "failure").inc()
 
     def set_active_key(self, slot: str | None) -> None:
         """Mark which key slot is sent first (none: no key configured)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+import trustme
 from structlog._config import BoundLoggerLazyProxy
 
 from gateway import logging as gateway_logging
@@ -33,6 +34,7 @@ from tests.conftest import (
 )
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.upstream import Upstream
+from tests.tls_files import client_context, key_canary, write_pair
 
 # Canaries for the certificate and workload-identity credentials (tests/security/test_secrets.py).
 CANARY_CERT_PASSWORD = "canary-cert-password-Kp27vQ"
@@ -134,18 +136,28 @@ async def shared_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["c", "python"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["c", "python", "c-tls"])
 async def gateway_proc(
+    *,
     request: pytest.FixtureRequest,
     shared_issuer: TokenIssuer,
     shared_upstream: SecurityUpstream,
     shared_session: aiohttp.ClientSession,
+    ca: trustme.CA,
     ca_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[GatewayProcess]:
-    """A ready gateway subprocess on each aiohttp HTTP parser, the C one and the pure-Python one."""
-    parser = str(request.param)
+    """A ready gateway subprocess on each aiohttp HTTP parser, and the C one behind HTTPS."""
+    parser, _, transport = str(request.param).partition("-")
     env = process_env(shared_issuer, f"{shared_upstream.base_url}/v1", ca_file)
+    if transport == "tls":
+        cert, key, _ = write_pair(ca, tmp_path_factory.mktemp("listener-tls"))
+        env |= {"CIGW_TLS_CERT_FILE": str(cert), "CIGW_TLS_KEY_FILE": str(key)}
+        _LEDGER.secret(key_canary(key))  # the listener's private key must never be echoed
     process = await GatewayProcess.start(env, _LEDGER, parser=parser)
+    if transport == "tls":
+        process.client_tls = client_context(ca)
+        assert process.listening.get("tls") is True, process.listening
     try:
         # Asserted at start-up: a module run "under both parsers" must really use both.
         assert process.listening.get("http_parser") == parser, process.listening

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -110,9 +111,17 @@ class RawClient:
         self.reader, self.writer, self.ledger = reader, writer, ledger
 
     @classmethod
-    async def connect(cls, port: int, ledger: Ledger) -> RawClient:
-        """Open a connection to 127.0.0.1:`port`."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    async def connect(
+        cls, port: int, ledger: Ledger, tls: ssl.SSLContext | None = None
+    ) -> RawClient:
+        """Open a connection to 127.0.0.1:`port`, over TLS when `tls` is given."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            limit=1 << 22,
+            ssl=tls,
+            server_hostname="127.0.0.1" if tls else None,
+        )
         return cls(reader, writer, ledger)
 
     async def send(self, data: bytes) -> None:
@@ -284,6 +293,8 @@ class GatewayProcess:
     proxy_port: int = 0
     admin_port: int = 0
     listening: dict[str, Any] = field(default_factory=dict)
+    # Set when the proxy listener serves HTTPS: the context raw clients connect with.
+    client_tls: ssl.SSLContext | None = None
     _reader: asyncio.Task[None] | None = None
     _started: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -339,6 +350,10 @@ class GatewayProcess:
                         self.admin_port = int(str(event["admin"]).rsplit(":", 1)[1])
                         self._started.set()
         self._started.set()  # exited: let start() notice
+
+    async def connect(self, ledger: Ledger) -> RawClient:
+        """A raw connection to the proxy listener (over TLS when it serves HTTPS)."""
+        return await RawClient.connect(self.proxy_port, ledger, self.client_tls)
 
     def output(self) -> str:
         """Everything the process printed so far."""

@@ -3,7 +3,8 @@
 Mutated requests (inserted CR/LF/NUL, framing headers, dot-segments, duplicated or
 swapped lines, credentials) must each end in an answer that is not a 500, or a closed
 connection, in bounded time; everything reaching the upstream must be clean. The budget
-is CIGW_FUZZ_SECONDS in total (default 10, shared by the two parsers); CIGW_FUZZ_SEED
+is CIGW_FUZZ_SECONDS in total (default 10, shared by the three runs: each parser on plain
+HTTP, and the C parser behind the HTTPS listener); CIGW_FUZZ_SEED
 replays a run.
 """
 
@@ -22,14 +23,13 @@ from tests.security.support import (
     ConnectionClosedError,
     GatewayProcess,
     Ledger,
-    RawClient,
     SecurityUpstream,
     key_name,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-BUDGET = float(os.environ.get("CIGW_FUZZ_SECONDS", "10")) / 2  # per parser
+BUDGET = float(os.environ.get("CIGW_FUZZ_SECONDS", "10")) / 3  # per run
 SEED = int(os.environ.get("CIGW_FUZZ_SEED", str(random.SystemRandom().randrange(2**32))))
 WORKERS = 8
 
@@ -123,9 +123,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return data
 
 
-async def attempt(port: int, data: bytes, ledger: Ledger) -> list[int]:
+async def attempt(gateway: GatewayProcess, data: bytes, ledger: Ledger) -> list[int]:
     """Send `data`; the statuses answered before the connection closed or went quiet."""
-    client = await RawClient.connect(port, ledger)
+    client = await gateway.connect(ledger)
     statuses: list[int] = []
     try:
         await client.send(data)
@@ -145,7 +145,8 @@ async def test_fuzzed_requests_never_break_the_gateway(
     gateway_proc: GatewayProcess, shared_upstream: SecurityUpstream, ledger: Ledger
 ) -> None:
     """Mutated raw requests: never a 500 or a hang, only clean requests upstream, process alive."""
-    rng = random.Random(f"{SEED}-{gateway_proc.listening['http_parser']}")  # noqa: S311 - replayable
+    run = f"{gateway_proc.listening['http_parser']}{'-tls' if gateway_proc.client_tls else ''}"
+    rng = random.Random(f"{SEED}-{run}")  # noqa: S311 - replayable
     deadline = time.monotonic() + BUDGET
     arrivals_before = len(shared_upstream.arrivals)
     seen_before = len(shared_upstream.seen)
@@ -158,7 +159,7 @@ async def test_fuzzed_requests_never_break_the_gateway(
             data = mutate(rng, rng.choice(TEMPLATES))
             sent += 1
             try:
-                statuses = await attempt(gateway_proc.proxy_port, data, ledger)
+                statuses = await attempt(gateway_proc, data, ledger)
             except TimeoutError:
                 failures.append(f"no answer and no close for {data[:300]!r}")
                 continue

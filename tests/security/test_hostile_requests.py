@@ -166,7 +166,7 @@ async def _refused(
 ) -> RawResponse:
     """Send the case; assert its status, a JSON error, nothing upstream, a sane connection."""
     before = len(upstream.seen)
-    client = await RawClient.connect(gateway.proxy_port, ledger)
+    client = await gateway.connect(ledger)
     try:
         await client.send(case.raw)
         response = await client.response()
@@ -241,7 +241,7 @@ async def test_requests_within_limits_pass(
 ) -> None:
     """A 7000-byte target, a 7000-byte header and 90 headers are still forwarded as one request."""
     headers = b"X-Big: " + b"b" * 7000 + b"\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(88))
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(get(headers, target=b"/echo/" + b"a" * 7000))
@@ -276,7 +276,7 @@ async def test_request_hidden_in_a_body_stays_a_body(
     payload = SMUGGLED + b"\r\n"
     assert len(payload) == 48
     data = payload if b"Content-Length" in body else b"30\r\n" + payload + b"\r\n0\r\n\r\n"
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(post(body, data))
@@ -296,7 +296,7 @@ async def test_refused_request_drops_what_is_pipelined_behind_it(
 ) -> None:
     """A request pipelined behind a refused one is never forwarded: the connection closes first."""
     bad = post(b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(bad + SMUGGLED + PROBE)
@@ -326,7 +326,7 @@ async def test_host_and_forwarding_headers_are_not_trusted(
 ) -> None:
     """A spoofed Host and forwarding headers neither steer the request nor reach the upstream."""
     raw = b"GET /echo/spoof HTTP/1.1\r\nHost: evil.example\r\n" + spoof + b"\r\n"
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(raw)
@@ -374,7 +374,7 @@ async def test_path_tricks_stay_below_the_base_path(
     refuse: bool,
 ) -> None:
     """Climbing dot-segments in any spelling are refused; other paths go byte-exact below /v1."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(get(target=path))
@@ -407,7 +407,7 @@ async def test_connection_header_cannot_strip_the_credentials(
     connection: bytes,
 ) -> None:
     """Credential names listed in Connection do not strip the gateway's Authorization and key."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(post(connection + b"Content-Length: 2\r\n", b"hi"))
@@ -438,7 +438,7 @@ async def test_upgrade_is_not_tunnelled(
     gateway_proc: GatewayProcess, shared_upstream: SecurityUpstream, ledger: Ledger, upgrade: bytes
 ) -> None:
     """Upgrade requests get a plain answer, no Upgrade goes upstream, the connection stays HTTP."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(get(upgrade, target=b"/echo/upgrade"))
@@ -489,7 +489,7 @@ async def test_caller_credentials_are_replaced(
     query: bytes,
 ) -> None:
     """Caller credentials (headers, key query, repeats) never go upstream; the gateway's go once."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     before = len(shared_upstream.seen)
     try:
         await client.send(get(headers, target=b"/echo/creds" + query))
@@ -509,7 +509,7 @@ async def test_upstream_header_injection_is_not_passed_on(
     gateway_proc: GatewayProcess, shared_upstream: SecurityUpstream, ledger: Ledger, answer: str
 ) -> None:
     """Upstream CR, NUL, bare LF or obs-fold in a header: 502 without the field (strict parser)."""
-    client = await RawClient.connect(gateway_proc.proxy_port, ledger)
+    client = await gateway_proc.connect(ledger)
     try:
         await client.send(get(target=b"/raw/" + answer.encode()))
         response = await client.response()

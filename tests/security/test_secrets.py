@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -23,6 +24,7 @@ from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
 from tests.security.conftest import CANARY_ASSERTION, CANARY_CERT_PASSWORD, process_env
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.upstream import Upstream
+from tests.tls_files import client_context, key_canary, write_pair
 
 
 def write_credential(directory: Path, kind: str) -> tuple[Path, bytes, str]:
@@ -180,3 +182,44 @@ async def test_client_secret_and_keys_leak_nothing(
         await gateway.stop()
     ledger.secret(*issuer.issued)
     assert ledger.leaks() == []
+
+
+async def test_listener_private_key_leaks_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path, tmp_path: Path
+) -> None:
+    """The HTTPS listener's private key: absent from check-config, start and reload errors, logs."""
+    ca = trustme.CA()
+    cert, key, _ = write_pair(ca, tmp_path)
+    other_cert, other_key, _ = write_pair(ca, tmp_path, "other")
+    ledger.secret(key_canary(key), key_canary(other_key))
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+    env |= {"CIGW_TLS_CERT_FILE": str(cert), "CIGW_TLS_KEY_FILE": str(key)}
+    await check_config(env, ledger)
+    mismatched = {**env, "CIGW_TLS_KEY_FILE": str(other_key)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        env={"PATH": "/usr/bin:/bin", **mismatched},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        output, _ = await process.communicate()
+    ledger.record("serve with a mismatched pair", output)
+    assert process.returncode == 2, output
+    gateway = await GatewayProcess.start(env, ledger)
+    gateway.client_tls = client_context(ca)
+    try:
+        client = await gateway.connect(ledger)
+        await client.send(b"GET /echo/ok HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.close()
+        cert.write_bytes(other_cert.read_bytes())  # a certificate without its key
+        async with asyncio.timeout(10):
+            while not gateway.logged("tls_reload_failed"):  # noqa: ASYNC110 - child's log
+                await asyncio.sleep(0.05)
+    finally:
+        await gateway.stop()
+    ledger.secret(*issuer.issued)
