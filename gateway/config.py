@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 from yarl import URL
 
 from gateway.credentials import CertificateError, Secret, load_certificate
+from gateway.egress import Egress, NoProxy, ProxyServer, ProxyURLError, explicit_egress
+from gateway.egress import parse_proxy_url as _parse_proxy_url
 from gateway.errors import ConfigError
 from gateway.tls import TLSFiles, TLSPairError, server_context
 
@@ -119,6 +121,8 @@ class Settings:
     # REQUESTS_CA_BUNDLE or SSL_CERT_FILE: the trust store both clients use unless a
     # CIGW_*_CA_FILE names a more specific one.
     ca_bundle: Path | None = None
+    # Proxy or direct, per destination: CIGW_EGRESS_PROXY, else HTTPS_PROXY & co. and NO_PROXY.
+    egress: Egress = field(default_factory=Egress)
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -136,9 +140,27 @@ class Settings:
         """The MSAL authority URL for the tenant."""
         return f"{self.authority_host.rstrip('/')}/{self.tenant_id}"
 
+    def egress_for(self, url: URL) -> ProxyServer | None:
+        """The proxy through which `url` is reached, or None for a direct connection."""
+        return self.egress.proxy_for(url.scheme, url.host or "", url.port)
+
+    def egress_destinations(self) -> dict[str, URL]:
+        """Each destination the gateway connects to, by the name the log and check-config use."""
+        return {"token endpoint": URL(self.authority_host), "upstream": self.upstream_url}
+
     def describe(self) -> dict[str, str]:
         """The effective configuration by variable name, every secret redacted."""
         shown = {opt.env: opt.describe(getattr(self, opt.attr)) for opt in _OPTIONS if opt.attr}
+        egress = self.egress
+        for slot, variable in egress.sources:  # proxy URLs with their credentials redacted
+            if slot == "no":
+                shown[variable] = egress.no_proxy.text
+            else:
+                shown[variable] = str(getattr(egress, f"{slot}_proxy", None) or "none")
+        for destination, url in self.egress_destinations().items():
+            shown[f"egress: {destination}"] = self.egress.explain(
+                url.scheme, url.host or "", url.port
+            )
         cred = self.credential
         shown["credential kind"] = cred.kind.value
         for env, value in (
@@ -280,6 +302,13 @@ def _header_name(raw: str) -> str:
     return value
 
 
+def _egress_override(raw: str) -> Egress:
+    try:
+        return explicit_egress(raw)
+    except ProxyURLError as exc:
+        raise _InvalidError(f"{exc} (or 'none' for no proxy)") from None
+
+
 @dataclass(frozen=True, slots=True)
 class _Option(Generic[T]):
     env: str
@@ -338,6 +367,8 @@ _OPTIONS: tuple[_Option[Any], ...] = (
     _Option("CIGW_WORKERS", _integer(1, 64), "workers"),
     _Option("CIGW_TLS_CERT_FILE", _readable_file),
     _Option("CIGW_TLS_KEY_FILE", _readable_file),
+    # A URL that may hold proxy credentials: never echoed, shown redacted by describe().
+    _Option("CIGW_EGRESS_PROXY", _egress_override, secret=True),
 )
 _BY_ENV = {opt.env: opt for opt in _OPTIONS}
 _BY_YAML = {opt.yaml_key: opt for opt in _OPTIONS}
@@ -379,6 +410,12 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
         )
     _check_rate_limits(values, problems)
     tls = _tls_files(values, raw, problems)
+    # CIGW_EGRESS_PROXY replaces the proxy environment: then none of it is read (or checked).
+    egress = (
+        values.get("CIGW_EGRESS_PROXY", Egress())
+        if "CIGW_EGRESS_PROXY" in raw
+        else _environment_egress(environ, problems)
+    )
     if problems or credential is None:
         raise ConfigError(problems or ["no credential configured"])
 
@@ -395,6 +432,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
         kwargs["authority_host"] = str(kwargs["authority_host"]).rstrip("/")
     return Settings(
         ca_bundle=_ca_bundle(environ),
+        egress=egress,
         credential=credential,
         primary_key=primary,
         secondary_key=secondary,
@@ -545,6 +583,51 @@ def _tls_files(
         problems.append(f"CIGW_TLS_CERT_FILE/CIGW_TLS_KEY_FILE: {exc}")
         return None
     return files
+
+
+def _environment_egress(environ: Mapping[str, str], problems: list[str]) -> Egress:
+    """HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY, read as curl and requests read them."""
+    proxies: dict[str, ProxyServer] = {}
+    sources: list[tuple[str, str]] = []
+    for slot in ("https", "http", "all"):
+        found = _proxy_variable(environ, f"{slot}_proxy")
+        if found is None:
+            continue
+        name, value = found
+        try:
+            proxies[slot] = _parse_proxy_url(value)
+        except ProxyURLError as exc:
+            # Never the value: it may hold the proxy's credentials.
+            problems.append(
+                f"{name} {exc}; or set CIGW_EGRESS_PROXY to override the proxy environment"
+            )
+            continue
+        sources.append((slot, name))
+    no_proxy = NoProxy()
+    found = _proxy_variable(environ, "no_proxy")
+    if found is not None:
+        no_proxy = NoProxy.parse(found[1])
+        sources.append(("no", found[0]))
+    return Egress(
+        https_proxy=proxies.get("https"),
+        http_proxy=proxies.get("http"),
+        all_proxy=proxies.get("all"),
+        no_proxy=no_proxy,
+        sources=tuple(sources),
+    )
+
+
+def _proxy_variable(environ: Mapping[str, str], lower_name: str) -> tuple[str, str] | None:
+    """(name, value) of `lower_name` or its upper-case twin, lower case first (curl, requests).
+
+    Empty counts as unset, as for every setting here. urllib would let an empty lower-case
+    variable hide the upper-case one (SECURITY.md).
+    """
+    for name in (lower_name, lower_name.upper()):
+        value = environ.get(name, "")
+        if value.strip():
+            return name, value
+    return None
 
 
 def _ca_bundle(environ: Mapping[str, str]) -> Path | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import math
 import random
 import re
@@ -26,12 +25,15 @@ import requests
 
 from gateway.config import CredentialKind, Settings
 from gateway.credentials import load_certificate
+from gateway.egress import Egress, ProxyServer
 from gateway.errors import TokenUnavailable
 from gateway.logging import get_logger, redactor
 from gateway.metrics import Metrics
 
 log = get_logger("tokens")
 _AADSTS = re.compile(r"AADSTS\d+")
+# urllib3's message when a proxy answers CONNECT with anything but 2xx.
+_TUNNEL_REFUSED = re.compile(r"Tunnel connection failed: (\d{3}[ \w-]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +64,21 @@ class Acquirer(Protocol):
 
 
 class _TokenEndpointSession(requests.Session):
-    """The HTTP session MSAL uses: a per-request timeout and, when given, one pinned CA.
+    """The HTTP session MSAL uses: a per-request timeout, one pinned CA, our egress decision.
 
-    MSAL applies its `timeout` only to sessions it creates itself. And requests lets
-    REQUESTS_CA_BUNDLE override a session's `verify` unless verify is passed per request,
-    so a pinned CA (the sandbox's, a test's) must be passed per request too.
+    MSAL applies its `timeout` only to sessions it creates itself. requests reads the
+    environment itself (proxies, NO_PROXY, .netrc, REQUESTS_CA_BUNDLE) unless told not to:
+    here config.load has read it once, for the token endpoint and the upstream alike, so
+    the session trusts no environment and is given the proxy and the CA for each request.
     """
 
-    def __init__(self, timeout: float, ca_file: Path | None) -> None:
+    def __init__(self, timeout: float, ca_file: Path | None, egress: Egress) -> None:
         super().__init__()
+        self.trust_env = False
         self._timeout = timeout
         self._ca_file = str(ca_file) if ca_file else None
+        self._egress = egress
+        self.last_proxy: ProxyServer | None = None
         # MSAL drops the body of a 5xx answer; keep a safe summary so the cause can be named.
         self.last_answer: str | None = None
         self.last_retry_after: float | None = None
@@ -81,10 +87,8 @@ class _TokenEndpointSession(requests.Session):
         kwargs.setdefault("timeout", self._timeout)
         if self._ca_file is not None:
             kwargs["verify"] = self._ca_file
-        if _is_loopback(url):
-            # HTTPS_PROXY applies to loopback too unless NO_PROXY says otherwise; a token
-            # endpoint on this host (the sandbox, a local identity proxy) is never proxied.
-            kwargs["proxies"] = {"http": None, "https": None}
+        kwargs["proxies"] = self._proxies(url)
+        self.last_proxy = self._proxy(url)
         self.last_answer, self.last_retry_after = None, None
         response = super().request(method, url, *args, **kwargs)
         self.last_answer = _summarize_answer(response)
@@ -92,15 +96,24 @@ class _TokenEndpointSession(requests.Session):
         self.last_retry_after = float(retry_after) if retry_after.isdigit() else None
         return response
 
+    def rebuild_proxies(
+        self, prepared_request: requests.PreparedRequest, proxies: Any
+    ) -> dict[str, str]:
+        """A redirect's proxy is decided again for its own URL, by the same decision."""
+        rebuilt: dict[str, str] = super().rebuild_proxies(  # type: ignore[no-untyped-call]
+            prepared_request, self._proxies(prepared_request.url or "")
+        )
+        return rebuilt
 
-def _is_loopback(url: str | bytes) -> bool:
-    host = urlsplit(url.decode() if isinstance(url, bytes) else url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    def _proxies(self, url: str | bytes) -> dict[str, str]:
+        """requests' `proxies` for `url`: our decision, and nothing for direct."""
+        proxy = self._proxy(url)
+        scheme = urlsplit(url.decode() if isinstance(url, bytes) else url).scheme
+        return {} if proxy is None else {scheme: proxy.url_with_credentials()}
+
+    def _proxy(self, url: str | bytes) -> ProxyServer | None:
+        parts = urlsplit(url.decode() if isinstance(url, bytes) else url)
+        return self._egress.proxy_for(parts.scheme, parts.hostname or "", parts.port)
 
 
 def _summarize_answer(response: requests.Response) -> str | None:
@@ -128,7 +141,9 @@ class MsalAcquirer:
         self._clock = clock
         self._app: msal.ConfidentialClientApplication | None = None
         self._app_secret: str | None = None
-        self._http = _TokenEndpointSession(settings.token_timeout, settings.authority_trust)
+        self._http = _TokenEndpointSession(
+            settings.token_timeout, settings.authority_trust, settings.egress
+        )
 
     def close(self) -> None:
         """Close pooled connections to the token endpoint."""
@@ -149,7 +164,7 @@ class MsalAcquirer:
             message = (
                 f"token endpoint answered {answer}"
                 if answer and not isinstance(exc, requests.exceptions.RequestException)
-                else _describe_exception(exc)
+                else _describe_exception(exc, self._http.last_proxy)
             )
             raise TokenAcquisitionError(message, self._http.last_retry_after) from None
         if "access_token" not in result:
@@ -215,9 +230,14 @@ def _describe_error(result: Mapping[str, Any]) -> str:
     return redactor.scrub(f"{error}" + (f" ({summary})" if summary else ""))
 
 
-def _describe_exception(exc: Exception) -> str:
+def _describe_exception(exc: Exception, proxy: ProxyServer | None = None) -> str:
     detail = str(exc).splitlines()[0][:200] if str(exc) else ""
     name = type(exc).__name__
+    if isinstance(exc, requests.exceptions.ProxyError) and proxy is not None:
+        # Name the proxy, not the token endpoint: it is the proxy that failed.
+        refused = _TUNNEL_REFUSED.search(str(exc))
+        what = f"refused the tunnel: {refused.group(1)}" if refused else "cannot be reached"
+        return redactor.scrub(f"token endpoint unreachable: egress proxy {proxy.address} {what}")
     if isinstance(exc, requests.exceptions.SSLError):
         return redactor.scrub(f"token endpoint TLS failure: {detail}")
     if isinstance(exc, requests.exceptions.Timeout):

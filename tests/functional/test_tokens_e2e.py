@@ -169,10 +169,12 @@ async def test_workload_identity_reads_the_rotating_assertion_file(
 async def test_proxy_variables_do_not_capture_a_loopback_token_endpoint(
     start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HTTPS_PROXY set (to nothing listening): a token endpoint on 127.0.0.1 is still reached."""
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    """Only config.load's proxy decision counts: requests' own environment reading is off, and
+    a proxy on another host never carries a token request for this host's 127.0.0.1."""
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the process environment: not read
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    gw = await start_gateway()
+    remote = "http://192.0.2.1:3128"  # TEST-NET-1: nothing answers there
+    gw = await start_gateway({"HTTPS_PROXY": remote, "HTTP_PROXY": remote})
     assert (await _get(gw))[0] == 200
