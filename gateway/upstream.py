@@ -28,7 +28,9 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.egress import ProxyServer
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.tunnel import open_through_proxy
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_HEAD_BYTES: Final = 64 * 1024  # status line and header fields of one answer
@@ -58,12 +60,24 @@ class UpstreamClient:
         max_idle: int = 100,
         idle_timeout: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
+        proxy: ProxyServer | None = None,
     ) -> None:
         if origin.host is None or origin.port is None:
             raise ValueError("the upstream origin needs a host")  # config.load checked it
         self._host, self._port = origin.host, origin.port
         self._host_line = f"\r\nHost: {origin.raw_authority}"
         self._tls = tls if origin.scheme == "https" else None
+        # The egress proxy, if Settings.egress_for chose one. An https origin is tunnelled
+        # (CONNECT); an http one is sent to the proxy in absolute form with its credentials.
+        self._proxy = proxy
+        self._target_prefix = ""
+        self._proxy_lines = 0  # CRLFs the proxy's own header adds to every request head
+        if proxy is not None and self._tls is None:
+            self._target_prefix = f"http://{origin.raw_authority}"
+            credentials = proxy.authorization()
+            if credentials:
+                self._host_line += f"\r\nProxy-Authorization: {credentials}"
+                self._proxy_lines = 1
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._max_idle, self._idle_timeout = max_idle, idle_timeout
         self._monotonic = monotonic
@@ -89,14 +103,26 @@ class UpstreamClient:
         connection = self._pooled()
         if connection is not None:
             try:
-                return await connection.exchange(method, head, body, length)
+                return self._answered(await connection.exchange(method, head, body, length))
             except ClosedBeforeAnswer:
                 # The upstream closed a kept-alive connection as this request went out
                 # (RFC 9112 §9.3.1): sent again once, on a new connection, when that is safe.
                 if method not in IDEMPOTENT or not isinstance(body, bytes | None):
                     raise
         connection = await self._connect()
-        return await connection.exchange(method, head, body, length)
+        return self._answered(await connection.exchange(method, head, body, length))
+
+    def _answered(self, response: Response) -> Response:
+        """`response`, unless the egress proxy itself refused an absolute-form request."""
+        if response.status == 407 and self._target_prefix and self._proxy is not None:
+            # Only a proxy sends 407 (RFC 9110 §15.5.8); its other refusals (403, 502) look
+            # like the upstream's own answers and are relayed as such (SECURITY.md).
+            response.release()
+            raise UpstreamUnreachable(
+                f"the egress proxy {self._proxy.address} refused the request: "
+                "407 Proxy Authentication Required"
+            )
+        return response
 
     async def close(self) -> None:
         """Close every connection (at shutdown, once no request is left)."""
@@ -123,11 +149,14 @@ class UpstreamClient:
             framing = "\r\nTransfer-Encoding: chunked"
         else:
             framing = f"\r\nContent-Length: {length}"
-        head = f"{method} {target} HTTP/1.1{self._host_line}{''.join(fields)}{framing}\r\n\r\n"
+        head = (
+            f"{method} {self._target_prefix}{target} HTTP/1.1"
+            f"{self._host_line}{''.join(fields)}{framing}\r\n\r\n"
+        )
         # The head has exactly its own line ends: a CR or LF inside a target, name or value
         # would smuggle a header or a second request to the upstream. Counting them is
         # one pass in C instead of a check per field.
-        line_ends = 1 + len(fields) + (1 if framing else 0) + 2
+        line_ends = 1 + self._proxy_lines + len(fields) + (1 if framing else 0) + 2
         if head.count("\r") != line_ends or head.count("\n") != line_ends:
             raise GatewayError("a request header holds CR or LF; nothing was sent")
         return head.encode()
@@ -146,6 +175,15 @@ class UpstreamClient:
         return None
 
     async def _connect(self) -> _Connection:
+        if self._proxy is not None:
+            return await open_through_proxy(
+                lambda: _Connection(self),
+                self._proxy,
+                host=self._host,
+                port=self._port,
+                tls=self._tls,
+                connect_timeout=self.connect_timeout,
+            )
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):

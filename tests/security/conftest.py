@@ -39,6 +39,9 @@ from tests.tls_files import client_context, key_canary, write_pair
 # Canaries for the certificate and workload-identity credentials (tests/security/test_secrets.py).
 CANARY_CERT_PASSWORD = "canary-cert-password-Kp27vQ"
 CANARY_ASSERTION = "canary.federated.assertion-Hm93tY"
+# The egress proxy's credentials (tests/security/test_secrets.py).
+CANARY_PROXY_USER = "canary-proxy-user-Wd51"
+CANARY_PROXY_PASSWORD = "canary-proxy-password-Tq83jL"
 
 _LEDGER = Ledger()
 
@@ -47,7 +50,13 @@ _LEDGER = Ledger()
 def ledger() -> Iterator[Ledger]:
     """Everything that left a gateway during the suite; at the end, no canary may be in it."""
     _LEDGER.secret(
-        CANARY_SECRET, CANARY_PRIMARY, CANARY_SECONDARY, CANARY_CERT_PASSWORD, CANARY_ASSERTION
+        CANARY_SECRET,
+        CANARY_PRIMARY,
+        CANARY_SECONDARY,
+        CANARY_CERT_PASSWORD,
+        CANARY_ASSERTION,
+        CANARY_PROXY_USER,
+        CANARY_PROXY_PASSWORD,
     )
     yield _LEDGER
     leaks = _LEDGER.leaks()

@@ -21,8 +21,15 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from gateway.sandbox.issuer import TokenIssuer
 from tests.certs import self_signed_rsa
 from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
-from tests.security.conftest import CANARY_ASSERTION, CANARY_CERT_PASSWORD, process_env
+from tests.security.conftest import (
+    CANARY_ASSERTION,
+    CANARY_CERT_PASSWORD,
+    CANARY_PROXY_PASSWORD,
+    CANARY_PROXY_USER,
+    process_env,
+)
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
+from tests.servers.forward_proxy import running_tinyproxy
 from tests.servers.upstream import Upstream
 from tests.tls_files import client_context, key_canary, write_pair
 
@@ -222,4 +229,26 @@ async def test_listener_private_key_leaks_nothing(
                 await asyncio.sleep(0.05)
     finally:
         await gateway.stop()
+
+
+async def test_proxy_credentials_leak_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path, tmp_path: Path
+) -> None:
+    """The egress proxy's user and password: redacted in check-config, absent from all output."""
+    ledger.secret(CANARY_PROXY_USER, CANARY_PROXY_PASSWORD)
+    with running_tinyproxy(tmp_path, (CANARY_PROXY_USER, CANARY_PROXY_PASSWORD)) as proxy:
+        env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+        env["HTTPS_PROXY"] = proxy.url()
+        env["HTTP_PROXY"] = proxy.url()
+        text = await check_config(env, ledger)
+        assert f"http://(credentials redacted)@{proxy.address}" in text
+        assert f"proxy {proxy.address}" in text
+        gateway = await GatewayProcess.start(env, ledger)
+        try:
+            await exercise(gateway, issuer, ledger)
+        finally:
+            await gateway.stop()
+        # Both destinations really went through the authenticating proxy.
+        assert proxy.carried("CONNECT", issuer.base_url.removeprefix("https://")) >= 1
+        assert proxy.carried("GET", f"{upstream.base_url}/v1/echo/ok") == 1
     ledger.secret(*issuer.issued)
