@@ -217,6 +217,7 @@ async def test_authenticating_proxy_gets_the_credentials(
     *,
     start_gateway: StartGateway,
     auth_proxy: ForwardProxy,
+    issuer: TokenIssuer,
     upstream: Upstream,
     tls_upstream: Upstream,
     ca_file: Path,
@@ -236,6 +237,8 @@ async def test_authenticating_proxy_gets_the_credentials(
     status, body = await get(gw)
     assert status == 200
     assert target.count() == 1
+    # MSAL's token requests went through the same authenticating proxy.
+    assert auth_proxy.carried("CONNECT", f"127.0.0.1:{port_of(issuer.base_url)}") >= 1
     # The proxy's credentials are for the proxy: the upstream never sees them.
     headers = {name.lower() for name, _ in body["headers"]}  # type: ignore[attr-defined]
     assert "proxy-authorization" not in headers
