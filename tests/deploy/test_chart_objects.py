@@ -384,6 +384,11 @@ def test_schema_rejects_invalid_values_by_name(
             id="literal-secret-in-extra-env",
         ),
         pytest.param(
+            {"extraEnv": [{"name": "https_proxy", "value": "http://u:pw@proxy.corp:3128"}]},
+            "extraEnv: https_proxy holds proxy credentials in a literal value",
+            id="literal-proxy-credentials-in-extra-env",
+        ),
+        pytest.param(
             {"auth": {"certificatePassword": True}},
             "auth.certificatePassword=true only applies to auth.method=certificate",
             id="password-without-certificate",
@@ -410,6 +415,17 @@ def test_secret_extra_env_through_a_secret_reference_is_accepted(helm: Helm) -> 
     )
     env = env_of(gateway_containers(docs)[0][1])
     assert env["CIGW_SUBSCRIPTION_KEY"]["valueFrom"] == reference
+
+
+def test_proxy_without_credentials_is_a_plain_extra_env(helm: Helm) -> None:
+    """A proxy URL without credentials, and NO_PROXY, may be literal extraEnv values."""
+    extra = [
+        {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
+        {"name": "NO_PROXY", "value": ".svc,.cluster.local,10.0.0.0/8"},
+    ]
+    env = env_of(gateway_containers(helm.template(values={"extraEnv": extra}))[0][1])
+    assert env["HTTPS_PROXY"]["value"] == "http://proxy.corp:3128"
+    assert env["NO_PROXY"]["value"] == ".svc,.cluster.local,10.0.0.0/8"
 
 
 def test_native_sidecar_needs_kubernetes_1_29(helm: Helm) -> None:

@@ -189,6 +189,9 @@ sidecar template.
 {{- if and (has .name (list "AZURE_CLIENT_SECRET" "AZURE_CLIENT_CERTIFICATE_PASSWORD" "CIGW_SUBSCRIPTION_KEY" "CIGW_SUBSCRIPTION_KEY_SECONDARY")) (hasKey . "value") -}}
 {{- fail (printf "extraEnv: %s must not have a literal value (it would be stored in the Deployment in clear): use valueFrom.secretKeyRef, or the chart's auth/subscriptionKeys settings" .name) -}}
 {{- end -}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY" "CIGW_EGRESS_PROXY")) (hasKey . "value") (contains "@" (toString .value)) -}}
+{{- fail (printf "extraEnv: %s holds proxy credentials in a literal value (it would be stored in the Deployment in clear): use valueFrom.secretKeyRef" .name) -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (eq $v.mode "sidecar") -}}
 {{- fail "metrics.serviceMonitor needs mode=gateway (a sidecar has no Service of its own): use metrics.podMonitor" -}}
