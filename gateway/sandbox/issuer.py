@@ -81,12 +81,24 @@ class TokenIssuer:
 
     def verify(self, token: str) -> bool:
         """True for a token this issuer minted that has not expired (by the issuer's clock)."""
+        return self._valid(token, None)
+
+    def verify_audience(self, token: str, audience: str) -> bool:
+        """As `verify`, and the token was minted for `audience` (scope `{audience}/.default`)."""
+        return self._valid(token, audience)
+
+    def _valid(self, token: str, audience: str | None) -> bool:
         try:
             claims = jwt.decode(
                 token,
                 self._key.public_key(),
                 algorithms=["RS256"],
-                options={"verify_exp": False, "verify_aud": False, "verify_iat": False},
+                audience=audience,
+                options={
+                    "verify_exp": False,
+                    "verify_aud": audience is not None,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError:
             return False
