@@ -10,20 +10,21 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, listener
 from gateway import logging as gateway_logging
-from gateway.config import Settings
+from gateway.config import Route, Settings
 from gateway.handler import proxy_handler
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from gateway.ratelimit import ExchangeSlots, LocalLimiter, RetryBudget, UpstreamHold
+from gateway.ratelimit import ExchangeSlots, Limiter, LocalLimiter, RetryBudget, UpstreamHold
+from gateway.routing import Router, RouteState
 from gateway.state import METRICS, READINESS, Readiness
 from gateway.tls import ReloadingTLS
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
@@ -41,18 +42,29 @@ class Gateway:
 
     settings: Settings
     metrics: Metrics
-    tokens: TokenManager
-    keys: SubscriptionKeys
+    tokens: TokenManager  # the first route's (the only one without YAML routes:)
+    keys: SubscriptionKeys  # the first route's
     readiness: Readiness
     handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
     # Started in order before the listeners open, stopped in reverse once they have
     # drained (aiohttp's cleanup-context contract: stopped only if started).
     resources: tuple[Resource, ...]
     admin_app: web.Application
+    router: Router
     # HTTPS on the proxy listener (CIGW_TLS_CERT_FILE/KEY_FILE), the pair re-read on change.
     tls: ReloadingTLS | None = None
     proxy_port: int = 0  # the bound ports, known once serve() has started the listeners
     admin_port: int = 0
+
+    async def reload_keys(self) -> None:
+        """Re-read every route's subscription key files (SIGHUP)."""
+        for keys in {id(k): k for k in self.route_keys}.values():
+            await keys.reload()
+
+    @property
+    def route_keys(self) -> list[SubscriptionKeys]:
+        """Each route's subscription keys, in route order."""
+        return [cast(SubscriptionKeys, state.keys) for state in self.router.routes]
 
 
 def create_app(
@@ -67,44 +79,54 @@ def create_app(
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     for secret in settings.egress.secrets():
         gateway_logging.redactor.register(secret)  # proxy credentials, wherever they surface
-    tokens = TokenManager(
-        acquirer or MsalAcquirer(settings),
-        metrics,
-        wait_timeout=settings.token_timeout,
-        clock=clock or time.time,
-    )
-    keys = SubscriptionKeys(settings, metrics)
-    readiness = Readiness(tokens)
-    metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
-    hold = UpstreamHold(monotonic)
-    metrics.upstream_hold.set_function(hold.remaining)
-    limiter = worker_limiter(settings, monotonic)
+    msal_acquirer = MsalAcquirer(settings) if acquirer is None else None
+    # One token source per scope: routes to the same API share their token.
+    tokens_by_scope: dict[str, TokenManager] = {}
+    for route in settings.routes:
+        if route.scope not in tokens_by_scope:
+            tokens_by_scope[route.scope] = TokenManager(
+                acquirer or cast(MsalAcquirer, msal_acquirer).for_scope(route.scope),
+                metrics,
+                wait_timeout=settings.token_timeout,
+                clock=clock or time.time,
+            )
     caller_header = settings.rate_limit_caller_header
-    proxy = Proxy(
-        settings=settings,
-        metrics=metrics,
-        tokens=tokens,
-        keys=keys,
-        hold=hold,
-        budget=RetryBudget(clock=monotonic),
-        slots=ExchangeSlots(settings.max_connections),
-        # The caller-identity header is for the gateway only, never for the upstream.
-        drop_headers=frozenset({caller_header.lower()}) if caller_header else frozenset(),
+    # The caller-identity header is for the gateway only, never for the upstream.
+    drop = frozenset({caller_header.lower()}) if caller_header else frozenset()
+    states = [
+        RouteState(
+            route=route,
+            tokens=tokens_by_scope[route.scope],
+            keys=SubscriptionKeys(settings, metrics, route),
+            hold=UpstreamHold(monotonic),
+            budget=RetryBudget(clock=monotonic),
+            slots=ExchangeSlots(settings.max_connections),
+            limiter=route_limiter(settings, route, monotonic),
+            drop_headers=drop | route.strip_headers,
+        )
+        for route in settings.routes
+    ]
+    router = Router(states)
+    readiness = Readiness(
+        {state.name: state.tokens for state in states}, named=not settings.routes[0].implicit
     )
-
-    handler = proxy_handler(proxy, metrics, limiter, hold, caller_header)
-    trust = settings.upstream_trust
-    # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
-    upstream_tls = ssl.create_default_context(cafile=str(trust) if trust else None)
+    metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
+    metrics.upstream_hold.set_function(lambda: max(s.hold.remaining() for s in states))
+    limiter = worker_limiter(settings, monotonic)
+    proxy = Proxy(settings=settings, metrics=metrics)
+    handler = proxy_handler(proxy, metrics, limiter, router, caller_header)
     tls = (
         ReloadingTLS(settings.tls, on_reload=metrics.tls_reloaded)
         if settings.tls is not None
         else None
     )
     resources: tuple[Resource, ...] = (
-        _upstream_client(settings, proxy, upstream_tls),
-        _background("token renewal", tokens.run, tokens.close),
-        _background("key file watch", keys.watch),
+        *(_upstream_client(settings, state) for state in states),
+        *(
+            _background(f"token renewal {scope}", manager.run, manager.close)
+            for scope, manager in tokens_by_scope.items()
+        ),
+        *(_background("key file watch", cast(SubscriptionKeys, s.keys).watch) for s in states),
         _background("log flush", gateway_logging.flush_periodically, _flush_logs),
     )
     if tls is not None:
@@ -114,7 +136,19 @@ def create_app(
     admin_app[METRICS] = metrics
     admin_app[READINESS] = readiness
     admin_app.add_routes(admin.routes())
-    return Gateway(settings, metrics, tokens, keys, readiness, handler, resources, admin_app, tls)
+    first = states[0]
+    return Gateway(
+        settings,
+        metrics,
+        cast(TokenManager, first.tokens),
+        cast(SubscriptionKeys, first.keys),
+        readiness,
+        handler,
+        resources,
+        admin_app,
+        router,
+        tls,
+    )
 
 
 def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalLimiter:
@@ -134,22 +168,50 @@ def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalL
     )
 
 
-def _upstream_client(settings: Settings, proxy: Proxy, upstream_tls: ssl.SSLContext) -> Resource:
+def route_limiter(
+    settings: Settings, route: Route, monotonic: Callable[[], float]
+) -> Limiter | None:
+    """The route's own budget (rate_limit_rps/_burst), this process's share; None when unset.
+
+    The seam for a fleet-wide limiter: it goes behind the same `Limiter` interface,
+    keyed by the route's name, so each route gets its own fleet budget.
+    """
+    if not route.rate_limit_rps:
+        return None
+    workers = settings.workers
+    return LocalLimiter(
+        rps=route.rate_limit_rps / workers,
+        burst=math.ceil(route.rate_limit_burst / workers),
+        clock=monotonic,
+        scope="route",
+    )
+
+
+def upstream_client(settings: Settings, route: Route, tls: ssl.SSLContext) -> UpstreamClient:
+    """The client for `route`'s upstream: every route's is built here, with the same options."""
+    # Bound to the configured origin: no request can name another host. The egress
+    # proxy is the one config.load decided (the token endpoint follows the same
+    # decision); no netrc, no cookies, no headers the caller did not send.
+    origin = route.upstream_url.origin()
+    return UpstreamClient(
+        origin,
+        tls=tls,
+        connect_timeout=settings.upstream_timeout,
+        read_timeout=settings.upstream_timeout,
+        max_idle=settings.max_connections,
+        proxy=settings.egress_for(origin),
+    )
+
+
+def _upstream_client(settings: Settings, state: RouteState) -> Resource:
+    trust = settings.route_trust(state.route)
+    # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
+    tls = ssl.create_default_context(cafile=str(trust) if trust else None)
+
     @contextlib.asynccontextmanager
     async def context() -> AsyncIterator[None]:
-        # Bound to the configured origin: no request can name another host. The egress
-        # proxy is the one config.load decided (the token endpoint follows the same
-        # decision); no netrc, no cookies, no headers the caller did not send.
-        origin = settings.upstream_url.origin()
-        client = UpstreamClient(
-            origin,
-            tls=upstream_tls,
-            connect_timeout=settings.upstream_timeout,
-            read_timeout=settings.upstream_timeout,
-            max_idle=settings.max_connections,
-            proxy=settings.egress_for(origin),
-        )
-        proxy.client = client
+        client = upstream_client(settings, state.route, tls)
+        state.client = client
         yield
         await client.close()
 
@@ -240,7 +302,7 @@ async def _listen(
         "listening",
         proxy=_bound(proxy_runner),
         admin=_bound(admin_runner),
-        upstream=str(settings.upstream_url),
+        upstream=", ".join(f"{route.prefix} -> {route.upstream_url}" for route in settings.routes),
         tls=gateway.tls is not None,
         http_parser=listener.http_parser_in_use(),
     )

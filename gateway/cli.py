@@ -114,11 +114,11 @@ async def _serve(settings: Settings, workers: list[int]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, relay, signum)
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[None]] = set()
 
     def reload_keys() -> None:
         _signal_workers(workers, signal.SIGHUP)
-        task = loop.create_task(gateway.keys.reload())
+        task = loop.create_task(gateway.reload_keys())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

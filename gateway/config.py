@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "CredentialKind",
     "KeySource",
     "Listen",
+    "Route",
     "Secret",
     "Settings",
     "TLSFiles",
@@ -83,6 +85,30 @@ class KeySource:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """One API behind the gateway: requests under `prefix` go to `upstream_url` with `scope`."""
+
+    prefix: str  # starts and ends with "/"; "/" is the catch-all
+    upstream_url: URL
+    scope: str
+    primary_key: KeySource | None = None
+    secondary_key: KeySource | None = None
+    upstream_ca_file: Path | None = None
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0
+    rewrite_links: bool = False
+    # Request header names (lower case) never sent to this route's upstream.
+    strip_headers: frozenset[str] = frozenset()
+    # True for the one route the single-upstream settings (environment) describe.
+    implicit: bool = False
+
+    @property
+    def name(self) -> str:
+        """How logs, metrics and /readyz name the route: its prefix (bounded by the config)."""
+        return self.prefix
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The gateway's whole configuration, validated."""
 
@@ -123,7 +149,27 @@ class Settings:
     ca_bundle: Path | None = None
     # Proxy or direct, per destination: CIGW_EGRESS_PROXY, else HTTPS_PROXY & co. and NO_PROXY.
     egress: Egress = field(default_factory=Egress)
+    # Never empty once built: without YAML `routes:` the single-upstream settings above
+    # become one implicit route with prefix "/", so the request path has one shape.
+    routes: tuple[Route, ...] = ()
     source: str = field(default="defaults", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            implicit = Route(
+                prefix="/",
+                upstream_url=self.upstream_url,
+                scope=self.scope,
+                primary_key=self.primary_key,
+                secondary_key=self.secondary_key,
+                upstream_ca_file=self.upstream_ca_file,
+                implicit=True,
+            )
+            object.__setattr__(self, "routes", (implicit,))  # frozen: set once, here
+
+    def route_trust(self, route: Route) -> Path | None:
+        """The CA bundle for `route`'s upstream."""
+        return route.upstream_ca_file or self.ca_bundle
 
     @property
     def authority_trust(self) -> Path | None:
@@ -146,7 +192,11 @@ class Settings:
 
     def egress_destinations(self) -> dict[str, URL]:
         """Each destination the gateway connects to, by the name the log and check-config use."""
-        return {"token endpoint": URL(self.authority_host), "upstream": self.upstream_url}
+        destinations = {"token endpoint": URL(self.authority_host)}
+        for route in self.routes:
+            name = "upstream" if route.implicit else f"upstream {route.prefix}"
+            destinations[name] = route.upstream_url
+        return destinations
 
     def describe(self) -> dict[str, str]:
         """The effective configuration by variable name, every secret redacted."""
@@ -179,8 +229,36 @@ class Settings:
             shown[f"{env}_FILE"] = _BY_ENV[f"{env}_FILE"].describe(key.file if key else None)
         shown["CIGW_TLS_CERT_FILE"] = str(self.tls.cert_file) if self.tls else "(unset)"
         shown["CIGW_TLS_KEY_FILE"] = str(self.tls.key_file) if self.tls else "(unset)"
+        if not self.routes[0].implicit:
+            # The single-route settings do not apply: each route shows its own.
+            for env, _ in _SINGLE_ROUTE:
+                shown.pop(env, None)
+            for index, route in enumerate(self.routes):
+                shown.update(_describe_route(index, route))
         shown["source"] = self.source
         return shown
+
+
+def _describe_route(index: int, route: Route) -> dict[str, str]:
+    """A route's settings under `routes[i].key`, every key redacted."""
+    at = f"routes[{index}]."
+    shown = {
+        f"{at}prefix": route.prefix,
+        f"{at}upstream_url": str(route.upstream_url),
+        f"{at}scope": route.scope,
+    }
+    for name, key in (
+        ("subscription_key", route.primary_key),
+        ("subscription_key_secondary", route.secondary_key),
+    ):
+        shown[f"{at}{name}"] = "(set, redacted)" if key and key.value else "(unset)"
+        shown[f"{at}{name}_file"] = str(key.file) if key and key.file else "(unset)"
+    shown[f"{at}upstream_ca_file"] = str(route.upstream_ca_file or "(unset)")
+    shown[f"{at}rate_limit_rps"] = f"{route.rate_limit_rps:g}"
+    shown[f"{at}rate_limit_burst"] = str(route.rate_limit_burst)
+    shown[f"{at}rewrite_links"] = str(route.rewrite_links).lower()
+    shown[f"{at}strip_headers"] = ", ".join(sorted(route.strip_headers)) or "(none)"
+    return shown
 
 
 # --------------------------------------------------------------------------- parsing
@@ -385,7 +463,7 @@ def yaml_keys() -> dict[str, str]:
 def load(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
     """Build Settings from defaults, an optional YAML file and the environment."""
     problems: list[str] = []
-    raw, source = _merge_sources(environ, config_file, problems)
+    raw, source, routes_document = _merge_sources(environ, config_file, problems)
     values: dict[str, Any] = {}
     for env, text in raw.items():
         option = _BY_ENV[env]
@@ -416,6 +494,10 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
         if "CIGW_EGRESS_PROXY" in raw
         else _environment_egress(environ, problems)
     )
+    routes: tuple[Route, ...] = ()
+    if routes_document is not None:
+        _check_single_route_unset(raw, problems)
+        routes = _routes(routes_document, problems)
     if problems or credential is None:
         raise ConfigError(problems or ["no credential configured"])
 
@@ -437,6 +519,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
         primary_key=primary,
         secondary_key=secondary,
         tls=tls,
+        routes=routes,
         source=source,
         **kwargs,
     )
@@ -444,42 +527,49 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
 
 def _merge_sources(
     environ: Mapping[str, str], config_file: Path | None, problems: list[str]
-) -> tuple[dict[str, str], str]:
+) -> tuple[dict[str, str], str, object | None]:
     raw: dict[str, str] = {}
+    routes: object | None = None
     if config_file is None and environ.get("CIGW_CONFIG"):
         config_file = Path(environ["CIGW_CONFIG"])
     source = "defaults"
     if config_file is not None:
-        raw.update(_read_yaml(config_file, problems))
+        settings, routes = _read_yaml(config_file, problems)
+        raw.update(settings)
         source = f"defaults < {config_file}"
     # An empty variable counts as unset: Kubernetes renders optional values that way.
     env_values = {name: environ[name] for name in _BY_ENV if environ.get(name, "") != ""}
     if env_values:
         source += " < environment"
     raw.update(env_values)
-    return raw, source
+    return raw, source, routes
 
 
-def _read_yaml(path: Path, problems: list[str]) -> dict[str, str]:
+def _read_yaml(path: Path, problems: list[str]) -> tuple[dict[str, str], object | None]:
+    """The file's single-value settings by variable name, and its `routes:` list if any."""
     import yaml  # only with a config file: most pods are configured by environment alone
 
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problems.append(f"--config/CIGW_CONFIG file {str(path)!r} cannot be read ({exc.strerror})")
-        return {}
+        return {}, None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problems.append(f"--config/CIGW_CONFIG file {str(path)!r} is not valid YAML{where}")
-        return {}
+        return {}, None
     if document is None:
-        return {}
+        return {}, None
     if not isinstance(document, dict):
         problems.append(f"--config/CIGW_CONFIG file {str(path)!r} must be a mapping of settings")
-        return {}
+        return {}, None
     raw: dict[str, str] = {}
+    routes: object | None = None
     for key, value in document.items():
+        if str(key).lower() == "routes":
+            routes = value
+            continue
         option = _BY_YAML.get(str(key).lower())
         if option is None:
             problems.append(
@@ -489,7 +579,7 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, str]:
             problems.append(f"{option.env} (YAML key {key!r}) must be a single value")
         elif value is not None and str(value) != "":
             raw[option.env] = str(value).lower() if isinstance(value, bool) else str(value)
-    return raw
+    return raw, routes
 
 
 def _credential(
@@ -639,3 +729,197 @@ def _ca_bundle(environ: Mapping[str, str]) -> Path | None:
 
 def _default_burst(rps: float | None) -> int:
     return max(1, math.ceil(rps)) if rps else 0
+
+
+# --------------------------------------------------------------------------- routes
+
+# Settings that describe the single implicit route; with `routes:` each route has its own.
+_SINGLE_ROUTE = (
+    ("CIGW_UPSTREAM_URL", "upstream_url"),
+    ("CIGW_SCOPE", "scope"),
+    ("CIGW_UPSTREAM_CA_FILE", "upstream_ca_file"),
+    ("CIGW_SUBSCRIPTION_KEY", "subscription_key"),
+    ("CIGW_SUBSCRIPTION_KEY_FILE", "subscription_key_file"),
+    ("CIGW_SUBSCRIPTION_KEY_SECONDARY", "subscription_key_secondary"),
+    ("CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE", "subscription_key_secondary_file"),
+)
+_ROUTE_KEYS = frozenset(
+    {
+        "prefix",
+        "upstream_url",
+        "scope",
+        "subscription_key",
+        "subscription_key_file",
+        "subscription_key_secondary",
+        "subscription_key_secondary_file",
+        "upstream_ca_file",
+        "rate_limit_rps",
+        "rate_limit_burst",
+        "rewrite_links",
+        "strip_headers",
+    }
+)
+_SECRET_ROUTE_KEYS = frozenset({"subscription_key", "subscription_key_secondary"})
+# A path prefix of plain segments: no dot-segments, no percent-encoding, no query.
+_PREFIX = re.compile(r"/(?:[A-Za-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]*/)*")
+# Dataverse organizations: {org}.crm{N}.dynamics.com and the sovereign clouds' hosts.
+_DATAVERSE_HOST = re.compile(
+    r".+\.crm\d*\.(?:dynamics\.com|microsoftdynamics\.(?:de|us)|appsplatform\.us"
+    r"|dynamics\.cn)",
+    re.IGNORECASE,
+)
+
+
+def route_keys() -> frozenset[str]:
+    """The keys a `routes:` entry accepts, for documentation and tests."""
+    return _ROUTE_KEYS
+
+
+def _check_single_route_unset(raw: Mapping[str, str], problems: list[str]) -> None:
+    for env, key in _SINGLE_ROUTE:
+        if env in raw:
+            problems.append(
+                f"{env} (YAML key {env.lower().removeprefix('cigw_')!r}) is set together with "
+                f"routes:, which gives every route its own: move it into the routes as "
+                f"routes[i].{key}"
+            )
+
+
+def _routes(document: object, problems: list[str]) -> tuple[Route, ...]:
+    if not isinstance(document, list) or not document:
+        problems.append("routes must be a non-empty list of routes (each a mapping)")
+        return ()
+    routes: list[Route] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(document):
+        route = _route(index, entry, problems)
+        if route is None:
+            continue
+        if route.prefix in seen:
+            problems.append(
+                f"routes[{index}].prefix: {route.prefix!r} is also routes[{seen[route.prefix]}]'s"
+            )
+            continue
+        seen[route.prefix] = index
+        routes.append(route)
+    return tuple(routes)
+
+
+def _route(index: int, entry: object, problems: list[str]) -> Route | None:
+    at = f"routes[{index}]"
+    if not isinstance(entry, dict):
+        problems.append(f"{at} must be a mapping with prefix, upstream_url and scope")
+        return None
+    before = len(problems)
+    given = _route_entry(at, entry, problems)
+
+    def parsed(key: str, parse: Parser[T]) -> T | None:
+        if key not in given:
+            return None
+        value = given[key]
+        if isinstance(value, dict | list):
+            problems.append(f"{at}.{key}: must be a single value")
+            return None
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        try:
+            return parse(text)
+        except _InvalidError as exc:
+            shown = "" if key in _SECRET_ROUTE_KEYS else f" (got {text!r})"
+            problems.append(f"{at}.{key}: {exc}{shown}")
+            return None
+
+    prefix = parsed("prefix", _route_prefix)
+    url = parsed("upstream_url", _http_url)
+    scope = parsed("scope", _text)
+    if "scope" in given and scope == "":
+        problems.append(f"{at}.scope: must not be empty")
+    keys: dict[str, KeySource | None] = {}
+    for name in ("subscription_key", "subscription_key_secondary"):
+        inline, file = parsed(name, _secret), parsed(f"{name}_file", _nonempty_file)
+        if inline is not None and file is not None:
+            problems.append(f"{at}.{name}: both {name} and {name}_file are set: keep one")
+        elif inline is not None and not inline.reveal():
+            problems.append(f"{at}.{name}: must not be blank")
+        keys[name] = KeySource(inline, file) if inline is not None or file is not None else None
+    if keys["subscription_key_secondary"] and not keys["subscription_key"]:
+        problems.append(
+            f"{at}.subscription_key_secondary: is set without a primary key "
+            "(subscription_key or subscription_key_file)"
+        )
+    ca_file = parsed("upstream_ca_file", _readable_file)
+    rps = parsed("rate_limit_rps", _number(0)) or 0.0
+    burst = parsed("rate_limit_burst", _integer(1))
+    if burst is not None and not rps:
+        problems.append(f"{at}.rate_limit_burst: is set but rate_limit_rps is 0 (limit off)")
+    rewrite = parsed("rewrite_links", _bool)
+    strip = _strip_headers(at, given.get("strip_headers"), problems)
+    if len(problems) > before or prefix is None or url is None or not scope:
+        return None
+    return Route(
+        prefix=prefix,
+        upstream_url=url,
+        scope=scope,
+        primary_key=keys["subscription_key"],
+        secondary_key=keys["subscription_key_secondary"],
+        upstream_ca_file=ca_file,
+        rate_limit_rps=rps,
+        rate_limit_burst=burst if burst is not None else _default_burst(rps),
+        rewrite_links=rewrite if rewrite is not None else is_dataverse(url, scope),
+        strip_headers=strip,
+    )
+
+
+def _route_entry(at: str, entry: dict[Any, Any], problems: list[str]) -> dict[str, object]:
+    """The entry's values by lower-case key; unknown and missing required keys reported."""
+    given: dict[str, object] = {}
+    for key, value in entry.items():
+        name = str(key).lower()
+        if name not in _ROUTE_KEYS:
+            problems.append(f"{at}: unknown setting {key!r} (route keys: see gateway.example.yaml)")
+        elif value is not None and value != "":
+            given[name] = value
+    for required in ("prefix", "upstream_url", "scope"):
+        if required not in given:
+            problems.append(f"{at}.{required}: is required")
+    return given
+
+
+def _route_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/"):
+        raise _InvalidError("must start with '/', for example /dataverse/")
+    if not value.endswith("/"):
+        value += "/"
+    if not _PREFIX.fullmatch(value) or "/./" in value or "/../" in value:
+        raise _InvalidError(
+            "must be plain path segments (letters, digits, -._~ and the like; no '%', "
+            "'?', '#', empty or dot segments), for example /dataverse/"
+        )
+    return value
+
+
+def _strip_headers(at: str, value: object, problems: list[str]) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    names = value if isinstance(value, list) else str(value).split(",")
+    stripped: set[str] = set()
+    for name in names:
+        try:
+            stripped.add(_header_name(str(name)).lower())
+        except _InvalidError as exc:
+            problems.append(f"{at}.strip_headers: {exc} (got {str(name)!r})")
+    return frozenset(stripped)
+
+
+def is_dataverse(url: URL, scope: str) -> bool:
+    """True for a Dataverse organization: its well-known hosts, or a scope of `{org}/.default`.
+
+    Dataverse's resource is the organization URL itself, so its scope names the upstream's
+    origin; Customer Insights and APIM-fronted APIs use a resource of their own.
+    """
+    origin = str(url.origin()).rstrip("/").lower()
+    scope = scope.strip().lower()
+    return bool(_DATAVERSE_HOST.fullmatch(url.host or "")) or scope in {
+        f"{origin}/.default",
+        f"{origin}//.default",
+    }

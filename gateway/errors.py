@@ -56,6 +56,13 @@ class HeaderFieldsTooLarge(MalformedRequest):
     code = "header_fields_too_large"
 
 
+class NoRoute(GatewayError):
+    """The request's path is under no configured route's prefix."""
+
+    status = 404
+    code = "no_route"
+
+
 class MethodNotAllowed(GatewayError):
     """A method the gateway never forwards (CONNECT)."""
 

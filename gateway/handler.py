@@ -12,14 +12,17 @@ import structlog
 from aiohttp import HttpVersion11, web
 
 from gateway.errors import (
+    BadRequest,
     ExpectationFailed,
     GatewayError,
     MethodNotAllowed,
+    NoRoute,
 )
 from gateway.logging import access_log, get_logger
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy, refuse
-from gateway.ratelimit import LocalLimiter, UpstreamHold
+from gateway.ratelimit import LocalLimiter
+from gateway.routing import Router, RouteState
 from gateway.state import CLOSE_CONNECTION, RequestContext
 
 log = get_logger("proxy")
@@ -31,7 +34,7 @@ def proxy_handler(
     proxy: Proxy,
     metrics: Metrics,
     limiter: LocalLimiter,
-    hold: UpstreamHold,
+    router: Router,
     caller_header: str | None,
 ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The proxy listener's request handler: its steps, outermost first, in one function.
@@ -53,12 +56,14 @@ def proxy_handler(
         try:
             # 3. Error mapping turns a GatewayError raised below into JSON; the only place.
             try:
-                # 4. Rate limiting: a 429 before any body is read or any upstream I/O;
-                # only then is a caller that waits for "100 Continue" told to send its body.
-                _refuse_early(request, limiter, hold, metrics, caller_header)
+                # 4. Routing, then rate limiting: a 404 or 429 before any body is read or
+                # any upstream I/O; only then is a caller that waits for "100 Continue"
+                # told to send its body.
+                route, path = _route(request, router)
+                _refuse_early(request, limiter, route, metrics, caller_header)
                 if "Expect" in request.headers:
                     await expect_continue(request)
-                response = await proxy.handle(request, ctx)
+                response = await proxy.handle(request, ctx, route, path)
             except Exception as exc:  # noqa: BLE001 - _map_error re-raises what it cannot answer
                 response = _map_error(ctx, exc)
             status = response.status
@@ -106,21 +111,35 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+def _route(request: web.BaseRequest, router: Router) -> tuple[RouteState, str]:
+    """The request's route and its target without the prefix; NoRoute when none matches."""
+    if request.method == "CONNECT":
+        # Refused before routing: CONNECT's target is an authority, not a path.
+        raise MethodNotAllowed("CONNECT is not supported: this is not a tunnel")
+    target = request.raw_path
+    found = router.match(target)
+    if found is None:
+        if not target.startswith("/"):
+            raise BadRequest("only origin-form request targets (starting with /) are accepted")
+        # Nothing about the configuration: the prefixes are the operator's business.
+        raise NoRoute("no route for this path")
+    return found
+
+
 def _refuse_early(
     request: web.BaseRequest,
     limiter: LocalLimiter,
-    hold: UpstreamHold,
+    route: RouteState,
     metrics: Metrics,
     caller_header: str | None,
 ) -> None:
-    """Raise for CONNECT, and RateLimited when the upstream's hold or a bucket says no."""
-    if request.method == "CONNECT":
-        # Refused before routing's verdict is used: CONNECT's target is an authority.
-        raise MethodNotAllowed("CONNECT is not supported: this is not a tunnel")
-    refusal = hold.check()
+    """RateLimited when the route's upstream hold, a gateway bucket or the route's says no."""
+    refusal = route.hold.check()
     if refusal is None and limiter.active:
         caller = request.headers.get(caller_header) if caller_header else None
         refusal = limiter.check(caller)
+    if refusal is None and route.limiter is not None:
+        refusal = route.limiter.check(None)
     if refusal is not None:
         refuse(refusal, metrics)
 

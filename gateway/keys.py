@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import KeySource, Settings
+from gateway.config import KeySource, Route, Settings
 from gateway.logging import get_logger, redactor
 from gateway.metrics import Metrics
 
@@ -49,13 +49,14 @@ class _Slot:
 class SubscriptionKeys:
     """Which key to send; learns from APIM's rejections; reloads files when they change."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, route: Route | None = None) -> None:
         self._metrics = metrics
+        route = route or settings.routes[0]
         self._slots = [
             _Slot(name, source)
             for name, source in (
-                (PRIMARY, settings.primary_key),
-                (SECONDARY, settings.secondary_key),
+                (PRIMARY, route.primary_key),
+                (SECONDARY, route.secondary_key),
             )
             if source is not None
         ]

@@ -13,7 +13,7 @@ import email.utils
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC
 from typing import NoReturn
 from urllib.parse import unquote
@@ -35,9 +35,10 @@ from gateway.errors import (
 )
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
-from gateway.ratelimit import ExchangeSlots, Refusal, RetryBudget, UpstreamHold
-from gateway.state import KeySource, RequestContext, TokenSource
-from gateway.upstream import IDEMPOTENT, Response, UpstreamClient
+from gateway.ratelimit import Refusal
+from gateway.routing import RouteState
+from gateway.state import RequestContext
+from gateway.upstream import IDEMPOTENT, Response
 
 log = get_logger("proxy")
 
@@ -347,51 +348,42 @@ class Proxy:
 
     settings: Settings
     metrics: Metrics
-    tokens: TokenSource
-    keys: KeySource
-    hold: UpstreamHold
-    budget: RetryBudget
-    slots: ExchangeSlots
-    client: UpstreamClient | None = None
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: Callable[[], float] = random.random
-    drop_headers: frozenset[str] = frozenset()
-    base_path: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.base_path = self.settings.upstream_url.raw_path.rstrip("/")
-
-    async def handle(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
-        """Forward one request and relay the answer."""
+    async def handle(
+        self, request: web.BaseRequest, ctx: RequestContext, route: RouteState, path: str
+    ) -> web.StreamResponse:
+        """Forward one request (`path`: its target without the route's prefix); relay the answer."""
         # One coroutine from here to the upstream client: each nested await is paid for
         # on every request (the benchmark's profile).
         check_message(request.version, request.headers)
         settings = self.settings
-        target = build_target(self.base_path, request.raw_path)
-        headers = request_headers(request.headers, self.drop_headers)
+        target = build_target(route.base_path, path)
+        headers = request_headers(request.headers, route.drop_headers)
         headers["X-Request-ID"] = ctx.request_id
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
-        self.budget.record_request()
+        route.budget.record_request()
         method = request.method
         attempt = _Attempt(
-            token=await self.tokens.token(),
-            key=self.keys.current(),
+            route=route,
+            token=await route.tokens.token(),
+            key=route.keys.current(),
             replayable=body.replayable,
             idempotent=method in IDEMPOTENT,
         )
-        client = self.client
+        client = route.client
         assert client is not None  # noqa: S101 - set by its resource before serving
+        hold, slots = route.hold, route.slots
         while True:
-            refusal = self.hold.check()
+            refusal = hold.check()
             if refusal is not None:
                 refuse(refusal, self.metrics)
             headers["Authorization"] = f"Bearer {attempt.token}"
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
                 ctx.key_slot = attempt.key[0]
-            if not self.slots.try_take() and not await self.slots.take(
-                self.settings.connection_wait
-            ):
+            if not slots.try_take() and not await slots.take(self.settings.connection_wait):
                 raise Overloaded("every upstream connection slot is busy; retry later")
             try:
                 started = time.perf_counter()
@@ -416,7 +408,7 @@ class Proxy:
                     prefix = b""
                 return await self._relay(request, ctx, response, prefix)
             finally:
-                self.slots.give_back()
+                slots.give_back()
 
     async def _decide(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         """Whether to send again (fallback key, fresh token, retry), and any body already read."""
@@ -425,8 +417,8 @@ class Proxy:
             return await self._on_unauthorized(response, attempt)
         if status == 429 or (status == 403 and "Retry-After" in response.headers):
             wait = retry_after_seconds(response.headers.get("Retry-After"))
-            self.hold.hold(wait if wait is not None else 1.0)
-            log.warning("upstream_throttled", status=status, hold_s=wait)
+            attempt.route.hold.hold(wait if wait is not None else 1.0)
+            log.warning("upstream_throttled", status=status, hold_s=wait, route=attempt.route.name)
             return False, b""
         if status in RETRYABLE_STATUS:
             hint = response.headers.get("Retry-After") if status == 503 else None
@@ -442,7 +434,7 @@ class Proxy:
             if attempt.key is None or attempt.tried_other_key:
                 return False, prefix
             # Switch even when this request cannot be replayed: the next ones will succeed.
-            other = self.keys.fallback(attempt.key[0])
+            other = attempt.route.keys.fallback(attempt.key[0])
             if other is None or not attempt.replayable:
                 return False, prefix
             attempt.key, attempt.tried_other_key = other, True
@@ -451,7 +443,7 @@ class Proxy:
             self.metrics.upstream_auth_rejections.labels(credential="token").inc()
             if attempt.refreshed_token or not attempt.replayable:
                 return False, prefix
-            attempt.token = await self.tokens.replace(attempt.token)
+            attempt.token = await attempt.route.tokens.replace(attempt.token)
             attempt.refreshed_token = True
             return True, prefix
         return False, prefix
@@ -464,7 +456,7 @@ class Proxy:
             return False
         if hint is not None and hint > self.settings.upstream_timeout:
             return False
-        if not self.budget.try_spend():
+        if not attempt.route.budget.try_spend():
             self.metrics.retry_budget_exhausted.inc()
             return False
         self.metrics.upstream_retries.labels(reason=reason).inc()
@@ -534,6 +526,7 @@ class Proxy:
 class _Attempt:
     """What one request has tried so far, so that each recovery happens at most once."""
 
+    route: RouteState
     token: str
     key: tuple[str, str] | None
     replayable: bool

@@ -25,7 +25,7 @@ Clock = Callable[[], float]
 class Refusal:
     """Why a request may not go upstream now, and the headers that tell the caller."""
 
-    scope: str  # "global", "caller" or "upstream"
+    scope: str  # "global", "caller", "route" (a route's own budget) or "upstream"
     retry_after: float
     quota: int = 0
     window: float = 1.0
@@ -89,8 +89,10 @@ class LocalLimiter:
         caller_burst: int = 0,
         max_callers: int = 10_000,
         clock: Clock = time.monotonic,
+        scope: str = "global",
     ) -> None:
         self._global = TokenBucket(rps, burst, clock) if rps > 0 else None
+        self._scope = scope  # what a refusal by the shared bucket is counted and shown as
         self._caller_rps, self._caller_burst, self._clock = caller_rps, caller_burst, clock
         # An idle bucket is full again after burst/rate seconds, so expiring it then loses
         # nothing; maxsize bounds memory against a flood of distinct caller names.
@@ -120,7 +122,7 @@ class LocalLimiter:
         if self._global is not None:
             wait = self._global.take()
             if wait:
-                return Refusal("global", wait, self._global.burst)
+                return Refusal(self._scope, wait, self._global.burst)
         return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,18 +42,23 @@ class KeySource(Protocol):
 
 @dataclass(slots=True)
 class Readiness:
-    """What /readyz reports: draining is set on SIGTERM, the token source is consulted."""
+    """What /readyz reports: draining is set on SIGTERM, every route's token source is consulted."""
 
-    tokens: TokenSource
+    tokens: Mapping[str, TokenSource]  # by route name
+    named: bool = False  # name the route in the reason (with YAML routes:)
     draining: bool = False
 
     def reason(self) -> str | None:
-        """None when ready, else why not."""
+        """None when ready, else why not (naming each route that is not ready)."""
         if self.draining:
             return "draining: shutting down"
-        if not self.tokens.valid:
-            return f"no valid token: {self.tokens.problem or 'first token not acquired yet'}"
-        return None
+        reasons = [
+            f"{f'route {name}: ' if self.named else ''}no valid token: "
+            f"{tokens.problem or 'first token not acquired yet'}"
+            for name, tokens in self.tokens.items()
+            if not tokens.valid
+        ]
+        return "; ".join(reasons) or None
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,28 +135,52 @@ def _summarize_answer(response: requests.Response) -> str | None:
 
 
 class MsalAcquirer:
-    """Client-credentials tokens through MSAL; blocking, so called in a worker thread."""
+    """Client-credentials tokens through MSAL; blocking, so called in a worker thread.
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    One MSAL application (one app registration) serves every route: `for_scope` hands
+    each scope its own Acquirer over it, and a lock keeps their acquisitions one at a
+    time, since they share the application and the token endpoint's session.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        scope: str | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
+        self._scope = scope or settings.scope
         self._app: msal.ConfidentialClientApplication | None = None
         self._app_secret: str | None = None
         self._http = _TokenEndpointSession(
             settings.token_timeout, settings.authority_trust, settings.egress
         )
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close pooled connections to the token endpoint."""
         self._http.close()
 
+    def for_scope(self, scope: str) -> Acquirer:
+        """An Acquirer of tokens for `scope`, sharing this one's MSAL application."""
+        return _ScopedAcquirer(self, scope)
+
     def __call__(self) -> AccessToken:
+        return self.acquire(self._scope)
+
+    def acquire(self, scope: str) -> AccessToken:
+        """A new token for `scope`, or TokenAcquisitionError."""
+        with self._lock:
+            return self._acquire(scope)
+
+    def _acquire(self, scope: str) -> AccessToken:
         try:
             app = self._application()
             # Always ask the endpoint: the gateway caches the token itself, until real expiry.
             app.remove_tokens_for_client()
             started = self._clock()
-            result = app.acquire_token_for_client(scopes=[self._settings.scope])
+            result = app.acquire_token_for_client(scopes=[scope])
         except TokenAcquisitionError:
             raise
         except Exception as exc:  # noqa: BLE001 - MSAL and requests raise many kinds; all mean "no token"
@@ -212,6 +237,20 @@ class MsalAcquirer:
         )
         redactor.register(secret)
         return secret, secret
+
+
+@dataclass(frozen=True, slots=True)
+class _ScopedAcquirer:
+    """The shared MSAL application's tokens for one scope."""
+
+    msal: MsalAcquirer
+    scope: str
+
+    def __call__(self) -> AccessToken:
+        return self.msal.acquire(self.scope)
+
+    def close(self) -> None:
+        self.msal.close()
 
 
 def _read_assertion(path: Path) -> str:

@@ -8,6 +8,7 @@ keys and every token the issuers minted.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -252,3 +254,48 @@ async def test_proxy_credentials_leak_nothing(
         assert proxy.carried("CONNECT", issuer.base_url.removeprefix("https://")) >= 1
         assert proxy.carried("GET", f"{upstream.base_url}/v1/echo/ok") == 1
     ledger.secret(*issuer.issued)
+
+
+async def test_route_keys_leak_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path, tmp_path: Path
+) -> None:
+    """Keys given inline on YAML routes: absent from check-config, logs, answers and metrics."""
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+    for name in (
+        "CIGW_UPSTREAM_URL",
+        "CIGW_SCOPE",
+        "CIGW_SUBSCRIPTION_KEY",
+        "CIGW_SUBSCRIPTION_KEY_SECONDARY",
+    ):
+        env.pop(name, None)
+    config = tmp_path / "routes.yaml"
+    routes = {
+        "routes": [
+            {
+                "prefix": "/",
+                "upstream_url": f"{upstream.base_url}/v1",
+                "scope": "https://api.ci.ai.microsoft.com/.default",
+                "subscription_key": CANARY_PRIMARY,
+                "subscription_key_secondary": CANARY_SECONDARY,
+            },
+            {
+                "prefix": "/dataverse/",
+                "upstream_url": f"{upstream.base_url}/v1",
+                "scope": f"{upstream.base_url}/.default",
+            },
+        ]
+    }
+    await asyncio.to_thread(config.write_text, yaml.safe_dump(routes))
+    env["CIGW_CONFIG"] = str(config)
+    text = await check_config(env, ledger)
+    assert re.search(r"routes\[0\].subscription_key +\(set, redacted\)", text)
+    assert "routes[1].prefix" in text
+    for canary in (CANARY_SECRET, CANARY_PRIMARY, CANARY_SECONDARY):
+        assert canary not in text
+    gateway = await GatewayProcess.start(env, ledger)
+    try:
+        await exercise(gateway, issuer, ledger)
+    finally:
+        await gateway.stop()
+    ledger.secret(*issuer.issued)
+    assert ledger.leaks() == []

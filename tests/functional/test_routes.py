@@ -1,0 +1,232 @@
+"""Several APIs behind one gateway: YAML routes, each with its own upstream, scope and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+
+from gateway.sandbox.issuer import TokenIssuer
+from tests.conftest import (
+    CANARY_PRIMARY,
+    RunningGateway,
+    StartGateway,
+    serving_upstream,
+)
+from tests.servers.upstream import Upstream
+
+CI_SCOPE = "https://api.ci.ai.microsoft.com/.default"
+SINGLE_ROUTE = {
+    "CIGW_UPSTREAM_URL": None,
+    "CIGW_SCOPE": None,
+    "CIGW_SUBSCRIPTION_KEY": None,
+    "CIGW_SUBSCRIPTION_KEY_SECONDARY": None,
+}
+StartRoutes = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def dataverse(issuer: TokenIssuer) -> AsyncIterator[Upstream]:
+    """A second upstream that wants only a bearer token (no APIM key), as Dataverse does."""
+    async with serving_upstream(Upstream(issuer, require_key=False)) as server:
+        yield server
+
+
+def dataverse_scope(dataverse: Upstream) -> str:
+    """The scope of a Dataverse organization: its own URL + /.default."""
+    return f"{dataverse.base_url}/.default"
+
+
+@pytest.fixture
+def start_routes(
+    start_gateway: StartGateway, upstream: Upstream, dataverse: Upstream, tmp_path: Path
+) -> StartRoutes:
+    """Factory: a gateway with /ci/ → the APIM-like upstream and /dataverse/ → the other."""
+
+    async def start(
+        extra: list[dict[str, Any]] | None = None,
+        ci: dict[str, Any] | None = None,
+        dv: dict[str, Any] | None = None,
+        ready: bool = True,
+    ) -> RunningGateway:
+        routes = [
+            {
+                "prefix": "/ci/",
+                "upstream_url": f"{upstream.base_url}/v1",
+                "scope": CI_SCOPE,
+                "subscription_key": CANARY_PRIMARY,
+                **(ci or {}),
+            },
+            {
+                "prefix": "/dataverse/",
+                "upstream_url": f"{dataverse.base_url}/v1",
+                "scope": dataverse_scope(dataverse),
+                **(dv or {}),
+            },
+            *(extra or []),
+        ]
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump({"routes": routes}))
+        return await start_gateway({**SINGLE_ROUTE, "CIGW_CONFIG": str(path)}, ready=ready)
+
+    return start
+
+
+def audience(seen_authorization: list[str]) -> str:
+    """The `aud` claim of the bearer token an upstream received."""
+    (value,) = seen_authorization
+    claims = jwt.decode(value.removeprefix("Bearer "), options={"verify_signature": False})
+    return str(claims["aud"])
+
+
+async def get(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, bytes]:
+    """Status and body of GET `path` through the gateway."""
+    async with gw.session.get(gw.url(path), **kwargs) as response:
+        return response.status, await response.read()
+
+
+async def test_both_apis_at_once_with_their_own_scope_and_key(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream, issuer: TokenIssuer
+) -> None:
+    """Each prefix reaches its upstream, prefix removed, with its scope's token; key only on CI."""
+    gw = await start_routes()
+    results = await asyncio.gather(
+        get(gw, "/ci/echo/profiles?$top=1"), get(gw, "/dataverse/echo/accounts?$top=2")
+    )
+    assert [status for status, _ in results] == [200, 200]
+    (ci_seen,) = upstream.seen
+    (dv_seen,) = dataverse.seen
+    assert ci_seen.raw_path == "/v1/echo/profiles?$top=1"
+    assert dv_seen.raw_path == "/v1/echo/accounts?$top=2"
+    assert ci_seen.header_values("Ocp-Apim-Subscription-Key") == [CANARY_PRIMARY]
+    assert dv_seen.header_values("Ocp-Apim-Subscription-Key") == []
+    assert audience(ci_seen.header_values("Authorization")) == "https://api.ci.ai.microsoft.com"
+    assert audience(dv_seen.header_values("Authorization")) == dataverse.base_url
+    assert issuer.token_calls == 2  # one per scope, by the one app registration
+
+
+async def test_longest_prefix_wins_and_catch_all_takes_the_rest(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """/ci/special/ beats /ci/; / takes any other path; /ci without its slash is /ci/'s root."""
+    gw = await start_routes(
+        extra=[
+            {
+                "prefix": "/ci/special",
+                "upstream_url": f"{dataverse.base_url}/v1/echo/special",
+                "scope": dataverse_scope(dataverse),
+            },
+            {
+                "prefix": "/",
+                "upstream_url": f"{dataverse.base_url}/v1/echo/rest",
+                "scope": dataverse_scope(dataverse),
+            },
+        ]
+    )
+    for path in ("/ci/special/x", "/ci/specialty", "/other/y?z=1", "/ci?q=1"):
+        assert (await get(gw, path))[0] == 200
+    assert [s.raw_path for s in dataverse.seen] == [
+        "/v1/echo/special/x",
+        "/v1/echo/rest/other/y?z=1",
+    ]
+    assert [s.raw_path for s in upstream.seen] == ["/v1/specialty", "/v1/?q=1"]
+
+
+async def test_unrouted_path_is_404_naming_nothing(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """A path under no prefix gets 404 no_route without a word about the configuration."""
+    gw = await start_routes()
+    status, body = await get(gw, "/dataversex/echo")
+    assert status == 404
+    error = json.loads(body)["error"]
+    assert error["code"] == "no_route"
+    assert "/ci" not in error["message"]
+    assert "dataverse" not in error["message"]
+    assert not upstream.seen
+    assert not dataverse.seen
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/dataverse/../ci/echo/x", id="dot-segments"),
+        pytest.param("/dataverse/%2e%2e/ci/echo/x", id="encoded-dots"),
+        pytest.param("/ci/..%2f..%2fdataverse/echo", id="encoded-slash"),
+    ],
+)
+async def test_path_cannot_climb_out_of_its_route(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream, path: str
+) -> None:
+    """The path guards apply per route: nothing climbs above a route's base into another."""
+    gw = await start_routes()
+    assert (await get(gw, path))[0] == 400
+    assert not upstream.seen
+    assert not dataverse.seen
+
+
+async def test_a_429_holds_only_its_own_route(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """Dataverse's 429 holds the Dataverse route; the CI route keeps forwarding."""
+    gw = await start_routes()
+    dataverse.fail_next, dataverse.retry_after = [429], "30"
+    assert (await get(gw, "/dataverse/echo/a"))[0] == 429
+    assert (await get(gw, "/dataverse/echo/b"))[0] == 429  # held: never sent
+    assert (await get(gw, "/ci/echo/c"))[0] == 200
+    assert len(dataverse.seen) == 1
+    assert len(upstream.seen) == 1
+
+
+async def test_route_rate_limit_is_its_own_budget(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """A route's rate_limit_rps refuses its own excess (scope "route") and no other route's."""
+    gw = await start_routes(dv={"rate_limit_rps": 0.01, "rate_limit_burst": 1})
+    assert (await get(gw, "/dataverse/echo/a"))[0] == 200
+    async with gw.session.get(gw.url("/dataverse/echo/b")) as refused:
+        assert refused.status == 429
+        assert "Retry-After" in refused.headers
+    for _ in range(3):
+        assert (await get(gw, "/ci/echo/c"))[0] == 200
+    assert len(dataverse.seen) == 1
+    assert 'cigw_rate_limited_total{scope="route"} 1.0' in await gw.metrics_text()
+
+
+async def test_strip_headers_applies_to_its_route_only(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """Headers named in a route's strip_headers never reach that route's upstream."""
+    gw = await start_routes(dv={"strip_headers": ["MSCRMCallerID", "CallerObjectId"]})
+    headers = {"MSCRMCallerID": "someone-else", "CallerObjectId": "x", "X-Keep": "1"}
+    assert (await get(gw, "/dataverse/echo/a", headers=headers))[0] == 200
+    assert (await get(gw, "/ci/echo/a", headers=headers))[0] == 200
+    (dv_seen,) = dataverse.seen
+    assert dv_seen.header_values("MSCRMCallerID") == []
+    assert dv_seen.header_values("CallerObjectId") == []
+    assert dv_seen.header_values("X-Keep") == ["1"]
+    assert upstream.seen[0].header_values("MSCRMCallerID") == ["someone-else"]
+
+
+async def test_readyz_names_the_route_without_a_token(
+    start_routes: StartRoutes, upstream: Upstream
+) -> None:
+    """/readyz is 503 while one route has no token, and says which route it is."""
+    gw = await start_routes(dv={"scope": "api://not-a-default-scope"}, ready=False)
+    for _ in range(200):
+        async with gw.session.get(gw.admin("/readyz")) as response:
+            reason = (await response.json()).get("reason", "")
+            if "invalid_scope" in reason:
+                break
+        await asyncio.sleep(0.02)
+    assert response.status == 503
+    assert reason.startswith("route /dataverse/: no valid token")
+    assert "/ci/" not in reason
+    assert (await get(gw, "/ci/echo/x"))[0] == 200
+    assert (await get(gw, "/dataverse/echo/x"))[0] == 503
