@@ -33,6 +33,7 @@ from gateway.errors import (
     RateLimited,
     UpstreamUnreachable,
 )
+from gateway.links import BATCH_LIMIT, JsonLinks, Links
 from gateway.logging import get_logger
 from gateway.metrics import Metrics
 from gateway.ratelimit import Refusal
@@ -362,6 +363,9 @@ class Proxy:
         target = build_target(route.base_path, path)
         headers = request_headers(request.headers, route.drop_headers)
         headers["X-Request-ID"] = ctx.request_id
+        if route.links is not None:
+            # Links are rewritten only in an uncompressed answer.
+            headers["Accept-Encoding"] = "identity"
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
         route.budget.record_request()
         method = request.method
@@ -406,7 +410,7 @@ class Proxy:
                         continue
                 else:
                     prefix = b""
-                return await self._relay(request, ctx, response, prefix)
+                return await self._answer(request, ctx, response, prefix, route)
             finally:
                 slots.give_back()
 
@@ -520,6 +524,108 @@ class Proxy:
             response.release()
         await out.write_eof()
         return out
+
+    async def _answer(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        response: Response,
+        prefix: bytes,
+        route: RouteState,
+    ) -> web.StreamResponse:
+        """Relay the answer, its links rewritten on a route with rewrite_links."""
+        if route.links is not None:
+            # The caller's Host gives the links' authority only, never a destination.
+            links = route.links.for_answer(request.scheme, request.headers.get("Host"))
+            if links is not None:
+                return await self._relay_rewritten(request, ctx, response, prefix, links)
+        return await self._relay(request, ctx, response, prefix)
+
+    async def _relay_rewritten(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        response: Response,
+        prefix: bytes,
+        links: Links,
+    ) -> web.StreamResponse:
+        """Relay with the answer's links leading back through the gateway (gateway/links.py)."""
+        headers = response_headers(response.headers)
+        links.headers(headers)
+        kind = links.body_kind(headers.items())
+        if kind is None or request.method == "HEAD" or response.status in (204, 304):
+            if request.method == "HEAD" or response.status in (204, 304):
+                response.release()
+                return web.StreamResponse(
+                    status=response.status, reason=response.reason, headers=headers
+                )
+            return await self._stream(request, ctx, response, prefix, headers=headers)
+        # The body's length changes: the answer is sent with its own length or chunked.
+        headers.popall("Content-Length", None)
+        length = response.content_length
+        if kind[0] == "batch":
+            data, complete = await _read_up_to(response, BATCH_LIMIT - len(prefix))
+            if not complete:
+                # Too large to hold: passed on unchanged (SECURITY.md).
+                return await self._stream(request, ctx, response, prefix + data, headers=headers)
+            data = prefix + data
+            body = links.batch(data, kind[1])
+            return web.Response(
+                status=response.status, reason=response.reason, headers=headers, body=body
+            )
+        stream = links.json()
+        if length is not None and length <= SMALL_RESPONSE:
+            data = response.body() if response.done else await response.read()
+            body = stream.feed(prefix + data) + stream.end()
+            return web.Response(
+                status=response.status, reason=response.reason, headers=headers, body=body
+            )
+        return await self._stream(request, ctx, response, prefix, headers=headers, rewrite=stream)
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        response: Response,
+        prefix: bytes,
+        *,
+        headers: CIMultiDict[str],
+        rewrite: JsonLinks | None = None,
+    ) -> web.StreamResponse:
+        """Stream the answer's body, through `rewrite` when given (then chunked)."""
+        headers["X-Request-ID"] = ctx.request_id  # sent below, before the handler sees it
+        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+        if rewrite is not None:
+            out.enable_chunked_encoding()
+        await out.prepare(request)
+        ctx.response_started = True
+        try:
+            if prefix:
+                await out.write(rewrite.feed(prefix) if rewrite else prefix)
+            while chunk := await response.readany():
+                await out.write(rewrite.feed(chunk) if rewrite else chunk)
+        except GatewayError as exc:
+            # Headers are gone already: the only honest signal left is an aborted
+            # connection, never a clean end that would pass a truncated body as complete.
+            log.warning("upstream_aborted_mid_body", reason=exc.message)
+            raise
+        finally:
+            response.release()
+        if rewrite is not None:
+            await out.write(rewrite.end())
+        await out.write_eof()
+        return out
+
+
+async def _read_up_to(response: Response, limit: int) -> tuple[bytes, bool]:
+    """(the answer's body, True), or (its first bytes, False) once more than `limit` arrived."""
+    data = bytearray()
+    while len(data) <= limit:
+        chunk = await response.readany()
+        if not chunk:
+            return bytes(data), True
+        data += chunk
+    return bytes(data), False
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import Route
+from gateway.links import LinkRewriter
 from gateway.ratelimit import ExchangeSlots, Limiter, RetryBudget, UpstreamHold
 from gateway.state import KeySource, TokenSource
 from gateway.upstream import UpstreamClient
@@ -31,9 +32,12 @@ class RouteState:
     client: UpstreamClient | None = None  # set by its resource before serving
     drop_headers: frozenset[str] = frozenset()  # request headers never sent upstream
     base_path: str = field(init=False)
+    links: LinkRewriter | None = field(init=False)  # with rewrite_links
 
     def __post_init__(self) -> None:
         self.base_path = self.route.upstream_url.raw_path.rstrip("/")
+        route = self.route
+        self.links = LinkRewriter(route.upstream_url, route.prefix) if route.rewrite_links else None
 
     @property
     def name(self) -> str:
