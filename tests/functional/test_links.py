@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from tests.conftest import RunningGateway, StartGateway, gateway_environment, se
 from tests.functional.test_streaming import MAX_RSS_GROWTH, MIB, PeakRss
 from tests.process import spawn_gateway
 from tests.servers.upstream import Upstream
+from tests.tls_files import client_context, write_pair
 
 SINGLE_ROUTE: dict[str, str | None] = {
     "CIGW_UPSTREAM_URL": None,
@@ -316,3 +318,33 @@ async def test_rewriting_a_100_mib_answer_keeps_memory_flat(
         rebuilt.update(piece.replace(tail, expected_tail) if tail in piece else piece)
     assert digest.hexdigest() == rebuilt.hexdigest()
     assert expected.hexdigest() != rebuilt.hexdigest()
+
+
+async def test_links_name_https_on_the_tls_listener(
+    start_gateway: StartGateway,
+    dataverse: LinksUpstream,
+    upstream: Upstream,
+    ca: trustme.CA,
+    tmp_path: Path,
+) -> None:
+    """Served over TLS, the rewritten links say https (the listener's scheme)."""
+    cert, key, _ = write_pair(ca, tmp_path)
+    config = routes_file(tmp_path, dataverse, upstream)
+    gw = await start_gateway(
+        {
+            **SINGLE_ROUTE,
+            "CIGW_CONFIG": str(config),
+            "CIGW_TLS_CERT_FILE": str(cert),
+            "CIGW_TLS_KEY_FILE": str(key),
+        }
+    )
+    port = gw.gateway.proxy_port
+    async with gw.session.get(
+        f"https://127.0.0.1:{port}/dataverse/links/page?n=0",
+        ssl=client_context(ca),
+        headers={"X-Forwarded-Proto": "http"},
+    ) as response:
+        page = await response.json()
+    assert page["@odata.nextLink"] == (
+        f"https://127.0.0.1:{port}/dataverse/links/page?n=1&$skiptoken=%3Cx%3E"
+    )
