@@ -202,6 +202,7 @@ class Settings:
         """The effective configuration by variable name, every secret redacted."""
         shown = {opt.env: opt.describe(getattr(self, opt.attr)) for opt in _OPTIONS if opt.attr}
         egress = self.egress
+        shown["CIGW_EGRESS_PROXY"] = "(unset: the proxy variables decide)"
         for slot, variable in egress.sources:  # proxy URLs with their credentials redacted
             if slot == "no":
                 shown[variable] = egress.no_proxy.text
