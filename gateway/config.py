@@ -8,6 +8,7 @@ never echoing a secret value.
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import math
 import re
@@ -144,6 +145,12 @@ class Settings:
     workers: int = 1
     # HTTPS on the proxy listener when set (CIGW_TLS_CERT_FILE and CIGW_TLS_KEY_FILE).
     tls: TLSFiles | None = None
+    # Fleet mode (gateway/fleet.py): absent URL, no fleet; the URL may carry the password.
+    redis_url: Secret | None = None
+    redis_password_file: Path | None = None
+    redis_ca_file: Path | None = None
+    redis_timeout: float = 0.02
+    fleet_name_setting: str | None = None
     # REQUESTS_CA_BUNDLE or SSL_CERT_FILE: the trust store both clients use unless a
     # CIGW_*_CA_FILE names a more specific one.
     ca_bundle: Path | None = None
@@ -180,6 +187,19 @@ class Settings:
     def upstream_trust(self) -> Path | None:
         """The CA bundle for the upstream."""
         return self.upstream_ca_file or self.ca_bundle
+
+    @property
+    def fleet_name(self) -> str:
+        """The namespace of this fleet's Redis keys.
+
+        By default a digest of upstream URLs, tenant and client ID: gateways for another API
+        or another app registration never share a budget, and nothing is echoed in clear.
+        """
+        if self.fleet_name_setting:
+            return self.fleet_name_setting
+        upstreams = "|".join(str(route.upstream_url) for route in self.routes)
+        origin = f"{upstreams}|{self.tenant_id}|{self.client_id}"
+        return hashlib.sha256(origin.encode()).hexdigest()[:16]
 
     @property
     def authority(self) -> str:
@@ -236,6 +256,8 @@ class Settings:
                 shown.pop(env, None)
             for index, route in enumerate(self.routes):
                 shown.update(_describe_route(index, route))
+        if self.redis_url is not None:
+            shown["fleet name"] = self.fleet_name
         shown["source"] = self.source
         return shown
 
@@ -363,6 +385,28 @@ def _nonempty_file(raw: str) -> Path:
     return path
 
 
+def _redis_url(raw: str) -> Secret:
+    # Messages never quote the URL: it may carry the password.
+    url = URL(raw.strip())
+    if url.scheme not in {"redis", "rediss"} or not url.host:
+        raise _InvalidError("must be redis://host:port/db or rediss://host:port/db")
+    if url.path not in {"", "/"} and not url.path.strip("/").isdigit():
+        raise _InvalidError("must name the database as a number, e.g. redis://host:6379/0")
+    if url.raw_query_string or url.raw_fragment:
+        raise _InvalidError("must not contain a query or a fragment")
+    return Secret(raw.strip())
+
+
+_FLEET_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _fleet_name(raw: str) -> str:
+    value = raw.strip()
+    if not _FLEET_NAME.fullmatch(value):
+        raise _InvalidError("must be 1 to 64 letters, digits, '.', '_' or '-'")
+    return value
+
+
 def _choice(*choices: str) -> Parser[str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -448,6 +492,11 @@ _OPTIONS: tuple[_Option[Any], ...] = (
     _Option("CIGW_TLS_KEY_FILE", _readable_file),
     # A URL that may hold proxy credentials: never echoed, shown redacted by describe().
     _Option("CIGW_EGRESS_PROXY", _egress_override, secret=True),
+    _Option("CIGW_REDIS_URL", _redis_url, "redis_url", secret=True),
+    _Option("CIGW_REDIS_PASSWORD_FILE", _nonempty_file, "redis_password_file"),
+    _Option("CIGW_REDIS_CA_FILE", _readable_file, "redis_ca_file"),
+    _Option("CIGW_REDIS_TIMEOUT", _number(0, strict_low=True, high=10), "redis_timeout"),
+    _Option("CIGW_FLEET_NAME", _fleet_name, "fleet_name_setting"),
 )
 _BY_ENV = {opt.env: opt for opt in _OPTIONS}
 _BY_YAML = {opt.yaml_key: opt for opt in _OPTIONS}
@@ -499,6 +548,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
     if routes_document is not None:
         _check_single_route_unset(raw, problems)
         routes = _routes(routes_document, problems)
+    _check_fleet(values, problems)
     if problems or credential is None:
         raise ConfigError(problems or ["no credential configured"])
 
@@ -719,6 +769,29 @@ def _proxy_variable(environ: Mapping[str, str], lower_name: str) -> tuple[str, s
         if value.strip():
             return name, value
     return None
+
+
+def _check_fleet(values: Mapping[str, Any], problems: list[str]) -> None:
+    url: Secret | None = values.get("CIGW_REDIS_URL")
+    if url is None:
+        problems.extend(
+            f"{env} is set without CIGW_REDIS_URL (fleet mode is off)"
+            for env in (
+                "CIGW_REDIS_PASSWORD_FILE",
+                "CIGW_REDIS_CA_FILE",
+                "CIGW_REDIS_TIMEOUT",
+                "CIGW_FLEET_NAME",
+            )
+            if env in values
+        )
+        return
+    parsed = URL(url.reveal())
+    if "CIGW_REDIS_CA_FILE" in values and parsed.scheme != "rediss":
+        problems.append("CIGW_REDIS_CA_FILE is set but CIGW_REDIS_URL is not rediss:// (TLS)")
+    if "CIGW_REDIS_PASSWORD_FILE" in values and parsed.password:
+        problems.append(
+            "CIGW_REDIS_URL carries a password and CIGW_REDIS_PASSWORD_FILE is set: keep one"
+        )
 
 
 def _ca_bundle(environ: Mapping[str, str]) -> Path | None:

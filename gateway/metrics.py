@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -128,6 +128,61 @@ class Metrics:
         """Mark which key slot is sent first (none: no key configured)."""
         for name in ("primary", "secondary"):
             self.key_active.labels(slot=name).set(1 if name == slot else 0)
+
+
+# Redis round trips on loopback or in-cluster take well under a millisecond to a few.
+_REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+REDIS_ERROR_KINDS = ("timeout", "connection", "auth", "response")
+LEASE_OUTCOMES = ("granted", "partial", "empty", "error")
+
+
+class FleetMetrics:
+    """Fleet mode's metrics (gateway/fleet.py); registered only when Redis is configured."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.members = Gauge(
+            "cigw_fleet_members",
+            "Gateways (pods and worker processes) of this fleet seen alive in Redis.",
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "cigw_fleet_redis_up", "1 while the last Redis call succeeded.", registry=registry
+        )
+        self.fallback_active = Gauge(
+            "cigw_fleet_fallback_active",
+            "1 while this gateway enforces its local share (rate / members) without Redis.",
+            registry=registry,
+        )
+        self.redis_duration = Histogram(
+            "cigw_fleet_redis_duration_seconds",
+            "Time taken by each Redis call (lease, hold, heartbeat).",
+            buckets=_REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "cigw_fleet_redis_errors",
+            "Redis calls that failed, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.lease_requests = Counter(
+            "cigw_fleet_lease_requests",
+            "Budget lease requests to Redis, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.hold_announcements = Counter(
+            "cigw_fleet_hold_announcements",
+            "Upstream holds announced to the fleet (sent) or learnt from it (received).",
+            ["direction"],
+            registry=registry,
+        )
+        for kind in REDIS_ERROR_KINDS:
+            self.redis_errors.labels(kind=kind)
+        for outcome in LEASE_OUTCOMES:
+            self.lease_requests.labels(outcome=outcome)
+        for direction in ("sent", "received"):
+            self.hold_announcements.labels(direction=direction)
 
 
 class RequestTally(Collector):

@@ -70,6 +70,20 @@ class TokenBucket:
         return (1.0 - self._tokens) / self.rate
 
 
+class Bucket(Protocol):
+    """What a limiter takes tokens from: a TokenBucket here, a fleet budget in Redis."""
+
+    burst: int
+
+    def take(self) -> float:
+        """0.0 when a token was taken, else the seconds until one is likely."""
+
+
+# (name, rate per second, burst) → a bucket. Names: "global", "caller:<caller>"; further
+# scopes (routes) choose their own prefix. Fleet mode (gateway/fleet.py) shares by name.
+BucketFactory = Callable[[str, float, int], Bucket]
+
+
 class Limiter(Protocol):
     """Decides whether one request may proceed; None means yes."""
 
@@ -90,14 +104,21 @@ class LocalLimiter:
         max_callers: int = 10_000,
         clock: Clock = time.monotonic,
         scope: str = "global",
+        buckets: BucketFactory | None = None,
+        name: str | None = None,
     ) -> None:
-        self._global = TokenBucket(rps, burst, clock) if rps > 0 else None
+        # `name` is the shared bucket's name for the factory (default: the scope); fleet mode
+        # keys its Redis budget by it, so each route gets its own fleet budget.
+        self._buckets: BucketFactory = buckets or (
+            lambda _name, rate, size: TokenBucket(rate, size, clock)
+        )
+        self._global = self._buckets(name or scope, rps, burst) if rps > 0 else None
         self._scope = scope  # what a refusal by the shared bucket is counted and shown as
         self._caller_rps, self._caller_burst, self._clock = caller_rps, caller_burst, clock
         # An idle bucket is full again after burst/rate seconds, so expiring it then loses
         # nothing; maxsize bounds memory against a flood of distinct caller names.
         ttl = max(1.0, caller_burst / caller_rps) if caller_rps > 0 else 1.0
-        self._callers: TTLCache[str, TokenBucket] = TTLCache(max_callers, ttl, timer=clock)
+        self._callers: TTLCache[str, Bucket] = TTLCache(max_callers, ttl, timer=clock)
 
     @property
     def active(self) -> bool:
@@ -114,7 +135,7 @@ class LocalLimiter:
         if self._caller_rps > 0 and caller is not None:
             bucket = self._callers.get(caller)
             if bucket is None:
-                bucket = TokenBucket(self._caller_rps, self._caller_burst, self._clock)
+                bucket = self._buckets(f"caller:{caller}", self._caller_rps, self._caller_burst)
             self._callers[caller] = bucket  # re-inserting refreshes the TTL
             wait = bucket.take()
             if wait:
@@ -127,16 +148,37 @@ class LocalLimiter:
 
 
 class UpstreamHold:
-    """After APIM says 429 (or 403 with Retry-After), nobody calls it until the time is up."""
+    """After APIM says 429 (or 403 with Retry-After), nobody calls it until the time is up.
+
+    In fleet mode (gateway/fleet.py) `announce` tells the other gateways about a hold this
+    one met, `adopt` takes one they met, and `jitter` spreads the moment each resumes.
+    """
 
     def __init__(self, clock: Clock = time.monotonic, max_hold: float = 300.0) -> None:
         self._clock = clock
         self._until = 0.0
         self._max_hold = max_hold
+        self.announce: Callable[[float], None] | None = None
+        self.jitter: Callable[[float], float] | None = None
 
     def hold(self, seconds: float) -> None:
         """Extend the hold to `seconds` from now (capped; never shortened)."""
-        self._until = max(self._until, self._clock() + min(seconds, self._max_hold))
+        seconds = min(seconds, self._max_hold)
+        if self._extend(seconds) and self.announce is not None:
+            self.announce(seconds)
+
+    def adopt(self, seconds: float) -> bool:
+        """Extend the hold to one another gateway met, without announcing it again."""
+        return self._extend(min(seconds, self._max_hold))
+
+    def _extend(self, seconds: float) -> bool:
+        until = self._clock() + seconds
+        if until <= self._until:
+            return False
+        if self.jitter is not None:
+            until += self.jitter(seconds)
+        self._until = until
+        return True
 
     def remaining(self) -> float:
         """Seconds left in the hold, 0.0 when none."""

@@ -42,6 +42,8 @@ CANARY_ASSERTION = "canary.federated.assertion-Hm93tY"
 # The egress proxy's credentials (tests/security/test_secrets.py).
 CANARY_PROXY_USER = "canary-proxy-user-Wd51"
 CANARY_PROXY_PASSWORD = "canary-proxy-password-Tq83jL"
+# Fleet mode's Redis password (requirepass), given in the URL or in CIGW_REDIS_PASSWORD_FILE.
+CANARY_REDIS_PASSWORD = "canary-redis-password-Wd58nR"
 
 _LEDGER = Ledger()
 
@@ -57,6 +59,7 @@ def ledger() -> Iterator[Ledger]:
         CANARY_ASSERTION,
         CANARY_PROXY_USER,
         CANARY_PROXY_PASSWORD,
+        CANARY_REDIS_PASSWORD,
     )
     yield _LEDGER
     leaks = _LEDGER.leaks()

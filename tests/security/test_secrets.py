@@ -28,10 +28,12 @@ from tests.security.conftest import (
     CANARY_CERT_PASSWORD,
     CANARY_PROXY_PASSWORD,
     CANARY_PROXY_USER,
+    CANARY_REDIS_PASSWORD,
     process_env,
 )
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.forward_proxy import running_tinyproxy
+from tests.servers.redis import RedisServer
 from tests.servers.upstream import Upstream
 from tests.tls_files import client_context, key_canary, write_pair
 
@@ -297,5 +299,52 @@ async def test_route_keys_leak_nothing(
         await exercise(gateway, issuer, ledger)
     finally:
         await gateway.stop()
+
+
+async def test_redis_password_leaks_nothing(
+    issuer: TokenIssuer, upstream: Upstream, ledger: Ledger, ca_file: Path, tmp_path: Path
+) -> None:
+    """Fleet mode's Redis password, in the URL or a file: never in output, even on failures."""
+    redis = RedisServer(tmp_path, password=CANARY_REDIS_PASSWORD)
+    await asyncio.to_thread(redis.start)
+    try:
+        env = process_env(issuer, f"{upstream.base_url}/v1", ca_file)
+        port = redis.port
+        env["CIGW_REDIS_URL"] = f"redis://:{CANARY_REDIS_PASSWORD}@127.0.0.1:{port}/0"
+        env["CIGW_RATE_LIMIT_RPS"] = "100"
+        text = await check_config(env, ledger)
+        assert "CIGW_REDIS_URL" in text
+        gateway = await GatewayProcess.start(env, ledger)
+        try:
+            await exercise(gateway, issuer, ledger)
+            await asyncio.to_thread(redis.kill)  # connection errors get logged too
+            async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+                while not gateway.logged("fleet_redis_down"):
+                    await gateway.get(session, f"http://127.0.0.1:{gateway.proxy_port}/echo/x")
+                    await asyncio.sleep(0.05)
+        finally:
+            await gateway.stop()
+        await asyncio.to_thread(redis.start)
+        # A wrong password from a file: the refusal names the file, never either password.
+        wrong = tmp_path / "redis-password"
+        await asyncio.to_thread(wrong.write_text, CANARY_REDIS_PASSWORD + "-wrong\n")
+        env["CIGW_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        env["CIGW_REDIS_PASSWORD_FILE"] = str(wrong)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            env={"PATH": "/usr/bin:/bin", **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(30):
+            output, _ = await process.communicate()
+        ledger.record("refused redis password", output)
+        assert process.returncode == 2
+        assert b"CIGW_REDIS_PASSWORD_FILE" in output
+    finally:
+        await asyncio.to_thread(redis.stop)
     ledger.secret(*issuer.issued)
     assert ledger.leaks() == []
