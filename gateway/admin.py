@@ -5,15 +5,17 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.state import METRICS, READINESS
+from gateway.group_metrics import scrape_group
+from gateway.state import METRICS, READINESS, WORKER_GROUP
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of the gateway's registry."""
-    registry = request.app[METRICS].registry
-    return web.Response(
-        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    """Prometheus text exposition of the gateway's registry (of every worker's, summed)."""
+    body = generate_latest(request.app[METRICS].registry)
+    group = request.app.get(WORKER_GROUP)
+    if group is not None:
+        body = await scrape_group(body, group)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(_request: web.Request) -> web.Response:

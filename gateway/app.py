@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import math
 import ssl
@@ -19,6 +20,7 @@ from gateway import admin, listener
 from gateway import logging as gateway_logging
 from gateway.config import Route, Settings
 from gateway.fleet import Fleet
+from gateway.group_metrics import WorkerGroup, serve_own
 from gateway.handler import proxy_handler
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
@@ -26,7 +28,7 @@ from gateway.metrics import FleetMetrics, Metrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import ExchangeSlots, Limiter, LocalLimiter, RetryBudget, UpstreamHold
 from gateway.routing import Router, RouteState
-from gateway.state import METRICS, READINESS, Readiness
+from gateway.state import METRICS, READINESS, WORKER_GROUP, Readiness
 from gateway.tls import ReloadingTLS
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 from gateway.upstream import UpstreamClient
@@ -75,6 +77,7 @@ def create_app(
     acquirer: Acquirer | None = None,
     clock: Callable[[], float] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    group: WorkerGroup | None = None,
 ) -> Gateway:
     """Build the proxy handler and the admin application; serve() starts the resources."""
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
@@ -143,10 +146,15 @@ def create_app(
         resources += (_background("tls certificate watch", tls.watch),)
     if fleet is not None:
         resources += (_fleet_membership(fleet),)
+    if group is not None:
+        # Before the listeners: a scrape of another worker may ask for this one's page.
+        resources += (functools.partial(serve_own, metrics.registry, group.own_socket),)
 
     admin_app = web.Application()
     admin_app[METRICS] = metrics
     admin_app[READINESS] = readiness
+    if group is not None:
+        admin_app[WORKER_GROUP] = group
     admin_app.add_routes(admin.routes())
     first = states[0]
     return Gateway(

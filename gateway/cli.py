@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from gateway import __version__
 from gateway import logging as gateway_logging
 from gateway.config import Settings, load
 from gateway.errors import ConfigError
+from gateway.group_metrics import WorkerGroup
 
 EXIT_CONFIG = 2
 log = gateway_logging.get_logger("cli")
@@ -93,25 +97,33 @@ def run(settings: Settings) -> int:
             print(f"ci-gateway: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
             return EXIT_CONFIG
     workers: list[int] = []
+    group = None
+    if settings.workers > 1:
+        # Where each worker serves its own metrics, so a scrape of any reports them all.
+        group_dir = Path(tempfile.mkdtemp(prefix="ci-gateway-workers-"))
+        group = WorkerGroup(group_dir, 0, settings.workers)
     gateway_logging.flush()  # or the workers would each write out a copy of what is buffered
-    for _ in range(settings.workers - 1):
+    for index in range(1, settings.workers):
         pid = os.fork()
         if pid == 0:
-            code = _run_loop(_serve(settings, []))
+            assert group is not None  # noqa: S101 - forks happen only for workers > 1
+            code = _run_loop(_serve(settings, [], dataclasses.replace(group, index=index)))
             gateway_logging.flush()  # os._exit skips the interpreter's own flush
             os._exit(code)
         workers.append(pid)
-    code = _run_loop(_serve(settings, workers))
+    code = _run_loop(_serve(settings, workers, group))
     for pid in workers:
         _, status = os.waitpid(pid, 0)
         code = code or os.waitstatus_to_exitcode(status)
+    if group is not None:
+        shutil.rmtree(group.directory, ignore_errors=True)
     return code
 
 
-async def _serve(settings: Settings, workers: list[int]) -> int:
+async def _serve(settings: Settings, workers: list[int], group: WorkerGroup | None) -> int:
     from gateway.app import create_app, serve
 
-    gateway = create_app(settings)
+    gateway = create_app(settings, group=group)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     failed = False

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from gateway.group_metrics import WorkerGroup
 from gateway.metrics import Metrics
 
 
@@ -75,6 +76,8 @@ class RequestContext:
 
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
+# Set with CIGW_WORKERS>1: /metrics reports the whole group (gateway/group_metrics.py).
+WORKER_GROUP = web.AppKey("worker_group", WorkerGroup)
 CONTEXT = web.RequestKey("context", RequestContext)
 # Set on an answer after which the connection must end at once (its framing is not trusted).
 CLOSE_CONNECTION = web.ResponseKey("close_connection", bool)
