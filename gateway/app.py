@@ -239,6 +239,8 @@ def upstream_client(settings: Settings, route: Route, tls: ssl.SSLContext) -> Up
         connect_timeout=settings.upstream_timeout,
         read_timeout=settings.upstream_timeout,
         max_idle=settings.max_connections,
+        idle_timeout=settings.upstream_idle_timeout,
+        max_connection_age=settings.upstream_max_connection_age,
         proxy=settings.egress_for(origin),
     )
 

@@ -127,6 +127,10 @@ class Settings:
     primary_key: KeySource | None = None
     secondary_key: KeySource | None = None
     upstream_timeout: float = 60.0
+    # Seconds a pooled upstream connection may stay idle, and live at most (upstream.py
+    # says why these defaults).
+    upstream_idle_timeout: float = 4.0
+    upstream_max_connection_age: float = 300.0
     token_timeout: float = 10.0
     shutdown_grace: float = 20.0
     key_reload_interval: float = 2.0
@@ -473,6 +477,12 @@ _OPTIONS: tuple[_Option[Any], ...] = (
     _Option("CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE", _nonempty_file),
     _Option("CIGW_KEY_RELOAD_INTERVAL", _number(0.1, high=300), "key_reload_interval"),
     _Option("CIGW_UPSTREAM_TIMEOUT", _number(0, strict_low=True), "upstream_timeout"),
+    _Option("CIGW_UPSTREAM_IDLE_TIMEOUT", _number(0, strict_low=True), "upstream_idle_timeout"),
+    _Option(
+        "CIGW_UPSTREAM_MAX_CONNECTION_AGE",
+        _number(0, strict_low=True),
+        "upstream_max_connection_age",
+    ),
     _Option("CIGW_TOKEN_TIMEOUT", _number(0, strict_low=True), "token_timeout"),
     _Option("CIGW_SHUTDOWN_GRACE", _number(0), "shutdown_grace"),
     _Option("CIGW_CLIENT_TIMEOUT", _number(0, strict_low=True), "client_timeout"),

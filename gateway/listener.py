@@ -8,6 +8,7 @@ ten seconds. The proxy listener's handler names only the kind of problem, answer
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +35,53 @@ _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:(?!//)")
 
 class _ProxyRequestHandler(web.RequestHandler):
     """The proxy listener's connection handler: refused requests get the gateway's JSON."""
+
+    # Seconds a caller may accept no bytes of its answer (nginx's send_timeout); set by
+    # _ProxyServer. The timer exists only while the transport's buffer is over its mark,
+    # so an answer that goes out at once costs nothing.
+    send_timeout: float = 30.0
+    _send_timer: asyncio.TimerHandle | None = None
+    _send_backlog = 0
+
+    def pause_writing(self) -> None:
+        """The caller stopped taking bytes: from now on it has `send_timeout` to take some."""
+        super().pause_writing()
+        self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        """The caller took enough bytes: no deadline."""
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The connection is gone: so is any deadline."""
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().connection_lost(exc)
+
+    def _arm_send_timer(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._send_backlog = transport.get_write_buffer_size()
+        self._send_timer = self._loop.call_later(self.send_timeout, self._send_deadline)
+
+    def _send_deadline(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or not self._paused:
+            return
+        if transport.get_write_buffer_size() < self._send_backlog:
+            self._arm_send_timer()  # it took some bytes: another period from now
+            return
+        # Reset, not closed: a close would wait to flush to a caller that reads nothing.
+        # Losing the connection cancels the handler, which frees its slot and aborts its
+        # upstream exchange.
+        log.warning("caller_send_timeout", seconds=self.send_timeout)
+        transport.abort()
 
     def handle_error(
         self,
@@ -81,8 +129,12 @@ def _refusal(exc: HttpProcessingError) -> GatewayError:
 class _ProxyServer(web.Server):
     """Serves each proxy connection with _ProxyRequestHandler."""
 
+    send_timeout = 30.0
+
     def __call__(self) -> web.RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.send_timeout = self.send_timeout
+        return handler
 
 
 def proxy_runner(
@@ -107,6 +159,8 @@ def proxy_runner(
         # slowloris header timeout.
         keepalive_timeout=client_timeout,
     )
+    # A caller that accepts no bytes of its answer this long is cut off (nginx's send_timeout).
+    server.send_timeout = client_timeout
     return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
 
 

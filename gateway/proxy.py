@@ -226,6 +226,19 @@ def _end_to_end(
     return out
 
 
+def relayed_headers(response: Response) -> CIMultiDict[str]:
+    """The answer's end-to-end headers, its transfer codings (not chunked) as content codings."""
+    headers = response_headers(response.headers)
+    if response.transfer_codings:
+        # The body comes still encoded with codings other than chunked (RFC 9112 §6.1);
+        # the caller's hop frames it anew, so they are declared as content codings,
+        # applied after any the upstream named (gzip and deflate are the same formats).
+        headers["Content-Encoding"] = ", ".join(
+            (*headers.getall("Content-Encoding", ()), *response.transfer_codings)
+        )
+    return headers
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Retry-After as seconds: delta-seconds or an HTTP-date; None when absent or unreadable."""
     if not value:
@@ -403,14 +416,20 @@ class Proxy:
                     raise
                 self.metrics.tally.upstream_answered(time.perf_counter() - started)
                 ctx.upstream_status = response.status
-                if response.status in _RECONSIDER:
-                    again, prefix = await self._decide(response, attempt)
-                    if again:
-                        response.release()
-                        continue
-                else:
-                    prefix = b""
-                return await self._answer(request, ctx, response, prefix, route)
+                try:
+                    if response.status in _RECONSIDER:
+                        again, prefix = await self._decide(response, attempt)
+                        if again:
+                            response.release()
+                            continue
+                    else:
+                        prefix = b""
+                    return await self._answer(request, ctx, response, prefix, route)
+                except BaseException:
+                    # The caller left during a back-off or a token refresh, or writing to
+                    # it failed: an answer not read to its end takes its connection along.
+                    response.release()
+                    raise
             finally:
                 slots.give_back()
 
@@ -494,7 +513,7 @@ class Proxy:
         prefix: bytes,
     ) -> web.StreamResponse:
         # X-Request-ID: the handler adds it to answers not yet sent, as to every answer.
-        headers = response_headers(response.headers)
+        headers = relayed_headers(response)
         length = response.content_length
         if request.method == "HEAD" or response.status in (204, 304):
             response.release()
@@ -508,11 +527,11 @@ class Proxy:
             )
         headers["X-Request-ID"] = ctx.request_id  # sent below, before the handler sees it
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
-        await out.prepare(request)
-        ctx.response_started = True
-        if prefix:
-            await out.write(prefix)
         try:
+            await out.prepare(request)
+            ctx.response_started = True
+            if prefix:
+                await out.write(prefix)
             while chunk := await response.readany():
                 await out.write(chunk)
         except GatewayError as exc:
@@ -550,7 +569,7 @@ class Proxy:
         links: Links,
     ) -> web.StreamResponse:
         """Relay with the answer's links leading back through the gateway (gateway/links.py)."""
-        headers = response_headers(response.headers)
+        headers = relayed_headers(response)
         links.headers(headers)
         kind = links.body_kind(headers.items())
         if kind is None or request.method == "HEAD" or response.status in (204, 304):

@@ -11,17 +11,24 @@ Why it is safe to hand-write this much:
 - answers are parsed by llhttp (httptools, the parser Node.js and uvicorn use) with no
   leniency: CR, bare LF, NUL or obs-fold in a field, Content-Length with
   Transfer-Encoding, two Content-Lengths all make the answer invalid (a 502);
-- a request head holding CR or LF anywhere but its line ends is never sent.
+- a request head whose method, target, field names or values break RFC 9110/9112's
+  grammar is refused, never repaired, and nothing of it is sent;
+- it is held to h11, a well-kept reference parser, by a differential suite
+  (tests/functional/test_upstream_differential.py); SECURITY.md lists every deliberate
+  difference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from operator import itemgetter
 from typing import Final, cast
 
 import httptools
@@ -29,7 +36,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.egress import ProxyServer
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import GatewayError, MalformedRequest, UpstreamTimeout, UpstreamUnreachable
 from gateway.tunnel import open_through_proxy
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -39,6 +46,28 @@ MAX_FIELD_BYTES: Final = 8190
 # Reading from the upstream pauses while this much of an answer waits for the caller.
 _READ_HIGH_WATER: Final = 512 * 1024
 _READ_LOW_WATER: Final = 128 * 1024
+# What one buffered piece costs besides its payload (a bytes object's header and its deque
+# slot, rounded up): counted so that many tiny chunks pause reading as early as a few
+# large ones would, instead of holding tens of times the mark in object headers.
+_PIECE_COST: Final = 64
+# The default idle timeout: below the 5 s keep-alive timeout of Node.js, uvicorn and
+# Apache httpd (the shortest common upstream defaults; nginx 75 s, Azure's load balancers
+# 4 min), so the gateway drops an idle connection before the upstream can, and a request
+# never races the upstream's close of the connection it went out on.
+DEFAULT_IDLE_TIMEOUT: Final = 4.0
+DEFAULT_MAX_CONNECTION_AGE: Final = 300.0
+# RFC 9110 §5.6.2 token: a method or a field name.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Bytes a request head may hold besides CR and LF: HTAB, visible ASCII, SP, obs-text.
+_HEAD_BYTES: Final = bytes(b for b in range(256) if b == 9 or 0x20 <= b != 0x7F)
+_CRLF: Final = b"\r\n"
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"})
+# Names the client writes itself: a caller's copy would be a second Host or framing.
+_OWN_FIELDS: Final = frozenset({"host", "content-length", "transfer-encoding"})
+_name = itemgetter(0)
+# Valid names already seen, so a name is checked once, not on every request.
+_NAMES_SEEN: set[str] = set()
+_NAMES_SEEN_MAX: Final = 4096
 # Methods whose requests carry no body unless the caller sent one (aiohttp's choice too).
 _BODYLESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
 
@@ -58,7 +87,8 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         max_idle: int = 100,
-        idle_timeout: float = 30.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE,
         monotonic: Callable[[], float] = time.monotonic,
         proxy: ProxyServer | None = None,
     ) -> None:
@@ -80,10 +110,18 @@ class UpstreamClient:
                 self._proxy_lines = 1
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._max_idle, self._idle_timeout = max_idle, idle_timeout
+        # A connection older than this is not reused, so a DNS change reaches steady traffic.
+        self._max_age = max_connection_age
         self._monotonic = monotonic
         self._idle: deque[_Connection] = deque()
         self._open: set[_Connection] = set()
         self._closing = False
+        self._reaper: asyncio.TimerHandle | None = None
+
+    @property
+    def idle_connections(self) -> int:
+        """How many pooled connections are open and waiting for a request."""
+        return sum(1 for connection in self._idle if not connection.closed)
 
     async def request(
         self,
@@ -127,6 +165,9 @@ class UpstreamClient:
     async def close(self) -> None:
         """Close every connection (at shutdown, once no request is left)."""
         self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for connection in list(self._open):
             connection.close()
         self._idle.clear()
@@ -140,7 +181,13 @@ class UpstreamClient:
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None,
     ) -> bytes:
+        if isinstance(headers, Iterator):
+            headers = list(headers)  # read twice below
         fields = [f"\r\n{name}: {value}" for name, value in headers]
+        # Each name is checked once, then remembered: one set operation per request.
+        if not _NAMES_SEEN.issuperset(map(_name, headers)):
+            for name, _ in headers:
+                _admit(name)
         if isinstance(body, bytes):
             framing = f"\r\nContent-Length: {len(body)}"
         elif body is None:
@@ -149,17 +196,32 @@ class UpstreamClient:
             framing = "\r\nTransfer-Encoding: chunked"
         else:
             framing = f"\r\nContent-Length: {length}"
+        if (
+            (method not in _METHODS and not _TOKEN.fullmatch(method))
+            or not (target.isascii() and target.isprintable())
+            or " " in target
+            or not target
+        ):
+            raise MalformedRequest("the request's method or target is not valid; nothing was sent")
         head = (
             f"{method} {self._target_prefix}{target} HTTP/1.1"
             f"{self._host_line}{''.join(fields)}{framing}\r\n\r\n"
         )
-        # The head has exactly its own line ends: a CR or LF inside a target, name or value
-        # would smuggle a header or a second request to the upstream. Counting them is
-        # one pass in C instead of a check per field.
+        try:
+            data = head.encode()
+        except UnicodeEncodeError:
+            raise MalformedRequest("a request header is not UTF-8; nothing was sent") from None
+        # The head holds exactly its own line ends and no other control character: a CR,
+        # LF or NUL in a value would smuggle a field or a second request to the upstream
+        # (RFC 9110 §5.5 allows HTAB). One pass in C deletes every allowed byte; what is
+        # left must be the line ends. (str.isprintable, a regex or a check per field cost
+        # several times more on a head carrying a bearer token.)
         line_ends = 1 + self._proxy_lines + len(fields) + (1 if framing else 0) + 2
-        if head.count("\r") != line_ends or head.count("\n") != line_ends:
-            raise GatewayError("a request header holds CR or LF; nothing was sent")
-        return head.encode()
+        if data.translate(None, _HEAD_BYTES) != _CRLF * line_ends:
+            raise MalformedRequest(
+                "a request header value holds a control character; nothing was sent"
+            )
+        return data
 
     def _pooled(self) -> _Connection | None:
         """The most recently used idle connection still open and fresh, if any."""
@@ -168,11 +230,33 @@ class UpstreamClient:
             connection = idle.pop()
             if connection.closed:
                 continue
-            if self._monotonic() - connection.idle_since > self._idle_timeout:
+            if self._expired(connection, self._monotonic()):
                 connection.close()
                 continue
             return connection
         return None
+
+    def _expired(self, connection: _Connection, now: float) -> bool:
+        return (
+            now - connection.idle_since > self._idle_timeout
+            or now - connection.born > self._max_age
+        )
+
+    def _reap(self) -> None:
+        """Close idle connections past their idle timeout or age, without waiting for a request."""
+        self._reaper = None
+        now = self._monotonic()
+        kept: deque[_Connection] = deque()
+        for connection in self._idle:
+            if connection.closed:
+                continue
+            if self._expired(connection, now):
+                connection.close()
+            else:
+                kept.append(connection)
+        self._idle = kept
+        if kept and not self._closing:
+            self._reaper = asyncio.get_running_loop().call_later(self._idle_timeout, self._reap)
 
     async def _connect(self) -> _Connection:
         if self._proxy is not None:
@@ -198,22 +282,42 @@ class UpstreamClient:
             raise UpstreamTimeout("connecting to the upstream timed out") from None
         except ssl.SSLCertVerificationError:
             raise UpstreamUnreachable("the upstream's TLS certificate is not trusted") from None
-        except OSError as exc:
-            # asyncio's message names the address, not the cause; errno does.
-            reason = os.strerror(exc.errno) if exc.errno else "connection failed"
-            raise UpstreamUnreachable(f"cannot connect to the upstream ({reason})") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamUnreachable(self._connect_failure(exc)) from None
         return connection
 
+    def _connect_failure(self, exc: OSError) -> str:
+        """What went wrong, in words: errno's text is misleading for TLS and DNS failures."""
+        if isinstance(exc, ssl.SSLError):
+            # e.g. TLS spoken to a plain-HTTP port: WRONG_VERSION_NUMBER (errno 1, "EPERM").
+            return f"TLS handshake with the upstream failed ({exc.reason or 'protocol error'})"
+        if isinstance(exc, socket.gaierror):
+            return f"cannot resolve {self._host}"
+        if self._tls is not None and exc.errno is None and isinstance(exc, ConnectionError):
+            # The TCP connection was made; it ended during the handshake.
+            return "TLS handshake with the upstream failed (the connection closed)"
+        # asyncio's message names the address, not the cause; errno does.
+        reason = os.strerror(exc.errno) if exc.errno else "connection failed"
+        return f"cannot connect to the upstream ({reason})"
+
     def _opened(self, connection: _Connection) -> None:
+        connection.born = self._monotonic()
         self._open.add(connection)
 
     def _released(self, connection: _Connection) -> None:
         """A connection whose answer is complete is free for the next request."""
-        if self._closing or len(self._idle) >= self._max_idle:
+        now = self._monotonic()
+        if (
+            self._closing
+            or len(self._idle) >= self._max_idle
+            or now - connection.born > self._max_age
+        ):
             connection.close()
             return
-        connection.idle_since = self._monotonic()
+        connection.idle_since = now
         self._idle.append(connection)
+        if self._reaper is None:
+            self._reaper = connection.loop.call_later(self._idle_timeout, self._reap)
 
     def _lost(self, connection: _Connection) -> None:
         self._open.discard(connection)
@@ -234,12 +338,16 @@ class Response:
         "headers",
         "reason",
         "status",
+        "transfer_codings",
     )
 
     def __init__(self, connection: _Connection) -> None:
         self.status = 0
         self.reason: str | None = None
         self.headers: CIMultiDict[str] = CIMultiDict()
+        # Transfer codings other than chunked (RFC 9112 §6.1), outermost last: the body is
+        # handed over still encoded with them, as it came.
+        self.transfer_codings: tuple[str, ...] = ()
         self.head_done = False
         self.done = False
         self._chunks: deque[bytes] = deque()
@@ -260,8 +368,9 @@ class Response:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered <= _READ_LOW_WATER:
+                self._buffered -= len(chunk) + _PIECE_COST
+                if self._buffered <= _READ_LOW_WATER and not self.done:
+                    # Once the answer is complete its connection serves another one.
                     self._connection.resume_reading()
                 return chunk
             if self.done:
@@ -286,28 +395,29 @@ class Response:
         return data
 
     def release(self) -> None:
-        """Done with this answer: a connection whose answer is not complete is closed."""
+        """Done with this answer: a connection whose answer is not complete is aborted."""
         if not self._released:
             self._released = True
             if not self.done:
-                self._connection.close()
+                self._connection.abort()
 
-    async def wait(self) -> None:
-        """Until the connection has news for this answer, at most the read timeout."""
+    async def wait(self, *, timed: bool = True) -> None:
+        """Until the connection has news for this answer, at most the read timeout if `timed`."""
         if self._error is not None:
             raise self._error
         connection = self._connection
         loop = connection.loop
         waiter = self._waiter = loop.create_future()
-        connection.watch(loop.time() + connection.client.read_timeout)
+        if timed:
+            connection.watch(loop.time() + connection.client.read_timeout)
         try:
             await waiter
         except TimeoutError:
-            connection.close()
+            connection.abort()
             message = "the upstream stalled mid-answer" if self.head_done else "no answer in time"
             raise UpstreamTimeout(f"the upstream did not answer in time ({message})") from None
         except BaseException:
-            connection.close()  # cancelled: the caller went away; the exchange ends here
+            connection.abort()  # cancelled: the caller went away; the exchange ends here
             raise
         finally:
             self._waiter = None
@@ -328,7 +438,7 @@ class Response:
 
     def _feed(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
-        self._buffered += len(chunk)
+        self._buffered += len(chunk) + _PIECE_COST
         if self._buffered > _READ_HIGH_WATER:
             self._connection.pause_reading()
         self._wake()
@@ -337,6 +447,22 @@ class Response:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+def _admit(name: str) -> None:
+    """Check a field name once (RFC 9110 §5.1 token, not one the client writes itself)."""
+    if not _TOKEN.fullmatch(name):
+        raise MalformedRequest("a request header name is not a valid token; nothing was sent")
+    if name.lower() in _OWN_FIELDS:
+        raise MalformedRequest(f"the client writes {name} itself; nothing was sent")
+    if len(_NAMES_SEEN) < _NAMES_SEEN_MAX:
+        _NAMES_SEEN.add(name)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Collect the outcome of an upload cut short, so it is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Connection(asyncio.Protocol):
@@ -350,14 +476,19 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.born = 0.0
         self._method = ""
         self._fields: list[tuple[str, str]] = []
         self._head_bytes = 0  # bytes received while the head is incomplete
-        self._head_size = 0  # the head's size as llhttp reports its parts
+        self._head_size = 0  # the head's (and trailer section's) size as llhttp reports its parts
+        self._in_trailer = False  # fields now are the trailer section's
+        self._body_fed = False  # a body byte arrived in the current data_received
+        self._since_body = 0  # bytes received since the last body byte (chunk lines, trailers)
         self._received = False  # any byte of the current answer
         self._reason: bytes = b""
         self._keep_alive = False
         self._until_close = False  # the body ends when the connection does (no framing)
+        self._clean_eof = False  # the upstream ended the connection (TLS: with close_notify)
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -390,19 +521,41 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(head)
                 if body is not None:
-                    self._sending = True
-                    try:
-                        await self._stream(body, response, length)
-                    finally:
-                        self._sending = False
+                    await self._upload(body, response, length)
             while not response.head_done:
                 await response.wait()
         except BaseException:
             # The upstream failed, the body iterator did (the caller's side), or the exchange
             # was cancelled: this connection's state is unknown, so it is not used again.
-            self.close()
+            self.abort()
             raise
         return response
+
+    async def _upload(
+        self, body: AsyncIterator[bytes], response: Response, length: int | None
+    ) -> None:
+        """Stream the body while watching for the answer: an early answer (a 413) ends it.
+
+        The body is written by a task of its own, so an answer that arrives while the
+        caller's next piece is awaited is returned at once, not after that piece.
+        """
+        self._sending = True
+        upload = self.loop.create_task(self._stream(body, response, length))
+        upload.add_done_callback(lambda _: response._wake())
+        try:
+            while not (response.head_done or upload.done()):
+                # No read timeout while the request is still going out: the caller's pace
+                # and the upstream's reading have timeouts of their own.
+                await response.wait(timed=False)
+            if upload.done():
+                upload.result()  # what the upload raised (the caller's body, the upstream)
+        finally:
+            if not upload.done():
+                # Answered before the whole body went out: relayed, and the connection is
+                # not used again (the upstream may still be reading the rest).
+                self._keep_alive = False
+                upload.cancel()
+                upload.add_done_callback(_retrieve)
 
     async def _stream(
         self, body: AsyncIterator[bytes], response: Response, length: int | None
@@ -410,27 +563,30 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None  # noqa: S101 - exchange() checked it
         sent = 0
-        async for chunk in body:
-            if response.head_done or self.closed:
-                # The upstream answered (or hung up) before taking the whole body, e.g. a
-                # 413: the answer is relayed and this connection is not used again.
-                self.close_when_done()
-                return
-            if not chunk:
-                continue  # an empty chunk would end a chunked body early
-            sent += len(chunk)
-            if length is None:
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-            elif sent > length:
-                raise GatewayError("the request body is longer than its Content-Length")
-            else:
-                transport.write(chunk)
-            if self._writing_paused:
-                await self._drained(response)
-        if length is None and not self.closed:
-            transport.write(b"0\r\n\r\n")
-        elif length is not None and sent != length:
-            raise GatewayError("the request body is shorter than its Content-Length")
+        try:
+            async for chunk in body:
+                if response.head_done or self.closed:
+                    # The upstream answered (or hung up) before taking the whole body, e.g. a
+                    # 413: the answer is relayed and this connection is not used again.
+                    self.close_when_done()
+                    return
+                if not chunk:
+                    continue  # an empty chunk would end a chunked body early
+                sent += len(chunk)
+                if length is None:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                elif sent > length:
+                    raise GatewayError("the request body is longer than its Content-Length")
+                else:
+                    transport.write(chunk)
+                if self._writing_paused:
+                    await self._drained(response)
+            if length is None and not self.closed:
+                transport.write(b"0\r\n\r\n")
+            elif length is not None and sent != length:
+                raise GatewayError("the request body is shorter than its Content-Length")
+        finally:
+            self._sending = False
 
     async def _drained(self, response: Response) -> None:
         drain = self._drain = self.loop.create_future()
@@ -487,12 +643,21 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection; it is never used again."""
+        """Close the connection after what is written has gone out; it is never used again."""
         self._keep_alive = False
         if not self.closed:
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
+
+    def abort(self) -> None:
+        """End a failed connection now: nothing written is flushed (it may be megabytes)."""
+        self._keep_alive = False
+        self.closed = True
+        transport = self.transport
+        if transport is not None:
+            self.transport = None
+            transport.abort()
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -504,25 +669,50 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         response = self.response
         if response is None or response.done:
-            self.close()  # bytes nobody asked for: the upstream is out of step
+            self.abort()  # bytes nobody asked for: the upstream is out of step
             return
         self._received = True
-        if not response.head_done:
+        head_done = response.head_done
+        if not head_done:
             # Also counted here: a head that never completes is not buffered without end.
             self._head_bytes += len(data)
+        self._body_fed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._invalid(response)
             return
-        if not response.head_done and self._head_bytes > MAX_HEAD_BYTES:
-            self._invalid(response)
+        if not response.head_done:
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._invalid(response)
+        elif self._body_fed:
+            self._since_body = 0
+        elif head_done and not response.done:
+            # Chunk-size lines and the trailer section: llhttp hands over a trailer field
+            # only when it is complete, so its bytes are counted as they arrive.
+            self._since_body += len(data)
+            if self._since_body > MAX_HEAD_BYTES:
+                self._invalid(response)
 
     def eof_received(self) -> bool:
+        # The upstream ended the connection: never handed out again from here on.
+        self.closed = True
+        clean = True
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is not None:
+            # asyncio reports a TCP end without TLS close_notify as an EOF too (uvloop does
+            # not): after close_notify the TLS object reads b"", without it wants more data.
+            try:
+                clean = ssl_object.read(1) == b""
+            except ssl.SSLError:
+                clean = False
+        self._clean_eof = clean
         return False  # close the transport; connection_lost settles the answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.transport = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -536,9 +726,11 @@ class _Connection(asyncio.Protocol):
                     )
                 else:
                     response._fail(UpstreamUnreachable("the upstream sent an invalid response"))
-            elif self._until_close:
+            elif self._until_close and self._clean_eof and exc is None:
                 self.on_message_complete()
             else:
+                # A reset, or TLS ended without close_notify, is a truncation, even when the
+                # body's end is the connection's: never passed off as a complete answer.
                 response._fail(UpstreamUnreachable("the upstream closed the connection mid-answer"))
         drain = self._drain
         if drain is not None and not drain.done():
@@ -559,10 +751,12 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response.head_done:
             raise _OutOfStep  # a second answer to one request
+        self._reason = b""
+        self._head_size = 15  # "HTTP/1.1 200 " and CRLF
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
-        self._head_size = len(reason) + 15  # "HTTP/1.1 200 " and CRLF
+        self._head_size = len(reason) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
@@ -570,32 +764,58 @@ class _Connection(asyncio.Protocol):
         self._head_size += size + 4  # ": " and CRLF
         if len(fields) >= MAX_FIELDS or size > MAX_FIELD_BYTES or self._head_size > MAX_HEAD_BYTES:
             raise _OutOfStep
-        fields.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        if self._in_trailer:
+            # Counted against the head's limit, then dropped: a trailer field is never
+            # another answer's header, and the relay has no way to send it on.
+            return
+        # Names are tokens (llhttp checked); a value that is not UTF-8 makes the answer
+        # invalid (UnicodeDecodeError stops the parser): relayed byte-exact or not at all.
+        fields.append((name.decode(), value.decode()))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None  # noqa: S101 - on_message_begin checked it
         parser = self.parser
         status = parser.get_status_code()
-        if status < 200:
-            # 1xx answers are interim (RFC 9110 §15.2); 101 would switch protocols, which
-            # the gateway never asks for.
-            if status == 101:
-                raise _OutOfStep
-            self._fields = []
-            return
-        headers = response.headers = CIMultiDict(self._fields)
+        fields = self._fields
         self._fields = []
+        if status < 200:
+            # 1xx answers are interim (RFC 9110 §15.2) and have no body. 101 would switch
+            # protocols, which the gateway never asks for; below 100 is no status at all.
+            # llhttp reads a body after 104-199 when framing says so: such bytes would
+            # reach the final answer's body, so that framing makes the answer invalid.
+            if status < 100 or status == 101 or (status > 103 and _frames_a_body(fields)):
+                raise _OutOfStep
+            return
+        if status > 599:
+            raise _OutOfStep  # RFC 9110 §15: three digits from 100 to 599
+        headers = response.headers = CIMultiDict(fields)
         response.status = status
         reason = self._reason
         response.reason = reason.decode("ascii") if reason.isascii() and reason else None
-        self._keep_alive = parser.should_keep_alive()
+        # HTTP/1.0's keep-alive is not relied on (h11 does not either).
+        self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         bodyless = self._method == "HEAD" or status in (204, 304)
-        self._until_close = not bodyless and (
-            "Content-Length" not in headers and "Transfer-Encoding" not in headers
-        )
+        if bodyless or "Content-Length" in headers:
+            self._until_close = False
+        elif "Transfer-Encoding" in headers:
+            codings = [
+                coding.strip().lower()
+                for value in headers.getall("Transfer-Encoding")
+                for coding in value.split(",")
+            ]
+            if codings[-1] == "chunked":
+                codings.pop()
+                self._until_close = False
+            else:
+                # RFC 9112 §6.3: a final coding other than chunked is framed by the
+                # connection's close.
+                self._until_close = True
+            response.transfer_codings = tuple(coding for coding in codings if coding)
+        else:
+            self._until_close = True
+        self._in_trailer = False
+        self._since_body = 0
         response.head_done = True
         drain = self._drain
         if drain is not None and not drain.done():
@@ -611,7 +831,17 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None  # noqa: S101 - on_message_begin checked it
+        if not response.head_done:
+            raise _OutOfStep  # no body byte before the final answer's head
+        self._body_fed = True
         response._feed(body)
+
+    def on_chunk_header(self) -> None:
+        # After the last chunk (size 0) llhttp reports the trailer section's fields.
+        self._in_trailer = True
+
+    def on_chunk_complete(self) -> None:
+        self._in_trailer = False
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -630,15 +860,32 @@ class _Connection(asyncio.Protocol):
             and transport is not None
             and not transport.get_write_buffer_size()
         ):
+            if self._reading_paused:
+                # Paused for this answer's caller; the answer is complete, and a pooled
+                # connection must read the next one (its waiting pieces stay with it).
+                self._reading_paused = False
+                transport.resume_reading()
             self.client._released(self)
-        else:
+        elif self._sending or (transport is not None and transport.get_write_buffer_size()):
             # Answered before the whole request was written: the upstream may still be
-            # reading it, so the connection is not trusted with another one.
+            # reading it, so the connection is not trusted with another one, and the rest
+            # of the upload is not flushed.
+            self.abort()
+        else:
             self.close()
 
     def _invalid(self, response: Response) -> None:
         response._fail(UpstreamUnreachable("the upstream sent an invalid response"))
-        self.close()
+        self.abort()
+
+
+def _frames_a_body(fields: list[tuple[str, str]]) -> bool:
+    """True when an interim answer's fields announce a body (Transfer-Encoding, a length > 0)."""
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "transfer-encoding" or (lower == "content-length" and value.strip() != "0"):
+            return True
+    return False
 
 
 class _OutOfStep(Exception):
