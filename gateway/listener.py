@@ -9,7 +9,10 @@ ten seconds. The proxy listener's handler names only the kind of problem, answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 from aiohttp import http_parser, web
@@ -30,6 +33,7 @@ log = get_logger("listener")
 MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:(?!//)")
 
 
@@ -77,10 +81,15 @@ class _ProxyRequestHandler(web.RequestHandler):
         if transport.get_write_buffer_size() < self._send_backlog:
             self._arm_send_timer()  # it took some bytes: another period from now
             return
-        # Reset, not closed: a close would wait to flush to a caller that reads nothing.
+        # Reset, not closed: a close would leave the kernel flushing to a caller that reads
+        # nothing (SO_LINGER 0 drops what it holds, as nginx's reset_timedout_connection).
         # Losing the connection cancels the handler, which frees its slot and aborts its
         # upstream exchange.
         log.warning("caller_send_timeout", seconds=self.send_timeout)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         transport.abort()
 
     def handle_error(
