@@ -70,6 +70,7 @@ fuzz: $(STAMP)
 # `make test`, whose smoke run is tests/perf/test_bench_smoke.py). Prints the table, writes
 # tests/perf/out/{RESULTS.md,latency.png}; BENCH_ARGS=--write-results updates the
 # committed tests/perf/RESULTS.md. Needs nginx, wrk and hey for the real figures.
+# BENCH_ARGS=--fleet runs fleet mode's benchmark instead (tests/perf/fleet.py, redis-server).
 BENCH_TOOLS := nginx wrk hey
 BENCH_ARGS ?=
 

@@ -51,6 +51,7 @@ LEASE_LIFETIME = 0.5  # leased tokens not spent by then go back to the fleet
 HEARTBEAT = 2.0  # seconds between membership heartbeats (the issue asks for at most 5)
 HEARTBEAT_DOWN = 1.0  # while Redis is down: noticed back within this plus one timeout
 MEMBER_TTL = 6.0  # a member missing three heartbeats is no longer counted
+FAILURES_TO_FALLBACK = 3  # failed calls in a row before a gateway that had Redis falls back
 JITTER = 2.0  # after a hold, each gateway resumes at a random moment within this
 POOL_SIZE = 8  # leases, holds and heartbeats in flight at once, plus the pub/sub link
 
@@ -262,6 +263,8 @@ class Fleet:
         self.members = max(1, settings.workers)  # until Redis tells
         self.up = False
         self.fallback_active = False
+        self._ever_up = False
+        self._failures = 0  # timed-out or disconnected calls in a row
         self._prefix = f"cigw:{{{settings.fleet_name}}}:"
         password = URL(settings.redis_url.reveal()).password
         if password:
@@ -284,6 +287,11 @@ class Fleet:
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         metrics.members.set(self.members)
         metrics.fallback_active.set(0)
+
+    @property
+    def ever_up(self) -> bool:
+        """True once a Redis call has succeeded."""
+        return self._ever_up
 
     def share_hold(self, name: str, hold: UpstreamHold) -> None:
         """Share `hold` with the fleet under `name`: announce it, adopt the others', jitter."""
@@ -425,8 +433,9 @@ class Fleet:
             return None
         finally:
             self.metrics.redis_duration.observe(time.perf_counter() - started)
-        if not self.up:
-            self.up = True
+        self._failures = 0
+        if not self.up or self.fallback_active:
+            self.up = self._ever_up = True
             self.fallback_active = False
             self.metrics.redis_up.set(1)
             self.metrics.fallback_active.set(0)
@@ -435,16 +444,24 @@ class Fleet:
 
     def _down(self, kind: str) -> None:
         self.metrics.redis_errors.labels(kind=kind).inc()
-        if self.up or not self.fallback_active:
+        self.up = False
+        self.metrics.redis_up.set(0)
+        if kind in {"timeout", "connection"} and self._ever_up:
+            # One slow call or one dropped connection is not an outage (a loaded node, a GC
+            # pause, a proxy closing idle connections): falling back and returning at each
+            # would hand out a fresh local share every time. Down for real, three failures
+            # come within a second under load and within 4 s when idle (heartbeats).
+            self._failures += 1
+            if self._failures < FAILURES_TO_FALLBACK:
+                return
+        if not self.fallback_active:
             log.warning(
                 "fleet_redis_down",
                 error=kind,
                 members=self.members,
                 hint="enforcing rate / members locally until Redis answers",
             )
-        self.up = False
         self.fallback_active = True
-        self.metrics.redis_up.set(0)
         self.metrics.fallback_active.set(1)
 
 
@@ -525,10 +542,18 @@ class FleetBudget:
 
     def _local(self, members: int) -> TokenBucket:
         if self._fallback is None or self._fallback[0] != members:
+            # After an outage, starting empty: the fleet's bucket may have been spent when
+            # Redis went, and N gateways each starting with a full share would admit one
+            # more burst (again at each flap). At a start without Redis, the full share.
             share = TokenBucket(
-                self.rate / members, math.ceil(self.burst / members), self._fleet.clock
+                self.rate / members,
+                math.ceil(self.burst / members),
+                self._fleet.clock,
+                tokens=0 if self._fleet.ever_up else None,
             )
             self._fallback = (members, share)
+            # What was admitted on credit is not charged any more: the local share rules.
+            self._debt = self._returned = self._leased = 0
         return self._fallback[1]
 
     def _refill(self, now: float) -> None:
@@ -550,12 +575,10 @@ class FleetBudget:
             reply = await self._fleet.lease(self._key, self.rate, self.burst, want, debt - returned)
         finally:
             self._refilling = False
-        # Charged, or forgiven when Redis failed: the local share takes over then, and a
-        # debt kept would refuse the first requests once Redis is back.
+        if reply is None:
+            return  # charged by the next lease, or forgiven if the fleet falls back
         self._debt -= debt
         self._returned -= returned
-        if reply is None:
-            return
         granted, wait = reply
         now = self._fleet.clock()
         self._want = want

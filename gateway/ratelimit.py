@@ -54,9 +54,9 @@ class TokenBucket:
 
     __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
 
-    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
+    def __init__(self, rate: float, burst: int, clock: Clock, tokens: float | None = None) -> None:
         self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens = float(burst)
+        self._tokens = float(burst if tokens is None else tokens)
         self._last = clock()
 
     def take(self) -> float:

@@ -45,14 +45,26 @@ CHART_METRICS: Final = MappingProxyType(
         "cigw_retry_budget_exhausted_total": _metric("counter"),
         "cigw_ready": _metric("gauge"),
         "cigw_token_renewal_failures_total": _metric("counter"),
+        # Fleet mode (gateway/fleet.py), registered only with CIGW_REDIS_URL.
+        "cigw_fleet_members": _metric("gauge"),
+        "cigw_fleet_redis_up": _metric("gauge"),
+        "cigw_fleet_fallback_active": _metric("gauge"),
+        "cigw_fleet_redis_duration_seconds": _metric("histogram"),
+        "cigw_fleet_redis_errors_total": _metric("counter", "kind"),
+        "cigw_fleet_lease_requests_total": _metric("counter", "outcome"),
+        "cigw_fleet_hold_announcements_total": _metric("counter", "direction"),
     }
 )
+
+# Exported only in fleet mode (CIGW_REDIS_URL): tests/fleet checks a fleet gateway has them.
+FLEET_METRICS: Final = frozenset(name for name in CHART_METRICS if name.startswith("cigw_fleet_"))
 
 # Values some labels take, where alerts and panels select on them.
 LABEL_VALUES: Final = MappingProxyType(
     {
         ("cigw_token_requests_total", "outcome"): frozenset({"success", "failure"}),
         ("cigw_subscription_key_active", "slot"): frozenset({"primary", "secondary"}),
+        ("cigw_fleet_hold_announcements_total", "direction"): frozenset({"sent", "received"}),
         ("cigw_rate_limited_total", "scope"): frozenset({"global", "caller", "upstream"}),
     }
 )
@@ -124,6 +136,11 @@ GATEWAY_ENV: Final = frozenset(
         "CIGW_MAX_BODY_BYTES",
         "CIGW_MAX_CONNECTIONS",
         "CIGW_WORKERS",
+        "CIGW_REDIS_URL",
+        "CIGW_REDIS_PASSWORD_FILE",
+        "CIGW_REDIS_CA_FILE",
+        "CIGW_REDIS_TIMEOUT",
+        "CIGW_FLEET_NAME",
     }
 )
 

@@ -43,6 +43,8 @@ ALERTS: Final = frozenset(
         "CiGatewaySubscriptionKeyFallback",
         "CiGatewayUpstream5xxRatioHigh",
         "CiGatewayLocal429RatioHigh",
+        "CiGatewayFleetRedisDown",
+        "CiGatewayFleetKeepsMeetingHolds",
     }
 )
 SELECTOR: Final = re.compile(r"(cigw_[a-z0-9_]+)\{([^}]*)\}")
@@ -115,7 +117,7 @@ def test_promtool_rejects_a_broken_rule(promtool: Path, tmp_path: Path) -> None:
 
 
 def test_alerts_cover_the_documented_conditions_on_known_metrics(helm: Helm) -> None:
-    """The five documented alerts exist, on gateway metrics with valid labels, with a severity."""
+    """The documented alerts exist, on gateway metrics with valid labels, with a severity."""
     rules = rules_of(helm.template(values_file=CI["gateway-secret"]))
     alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
     assert set(alerts) == ALERTS
@@ -267,6 +269,42 @@ SCENARIOS: Final = [
             fires=False,
         ),
         id="upstream-hold-is-not-local",
+    ),
+    pytest.param(
+        Scenario(
+            "CiGatewayFleetRedisDown",
+            {_series("cigw_fleet_fallback_active"): "0 0 1x40"},
+            fires=True,
+        ),
+        id="fleet-redis-down",
+    ),
+    pytest.param(
+        Scenario(
+            "CiGatewayFleetRedisDown",
+            {_series("cigw_fleet_fallback_active"): "0 1 1 0x40"},
+            fires=False,
+        ),
+        id="fleet-redis-blip",
+    ),
+    pytest.param(
+        Scenario(
+            "CiGatewayFleetKeepsMeetingHolds",
+            {_series("cigw_fleet_hold_announcements_total", direction="sent"): "0+1x40"},
+            fires=True,
+            grouping=("namespace", "job"),
+        ),
+        id="fleet-keeps-meeting-holds",
+    ),
+    pytest.param(
+        Scenario(
+            "CiGatewayFleetKeepsMeetingHolds",
+            {
+                _series("cigw_fleet_hold_announcements_total", direction="sent"): "0 1 2x40",
+                _series("cigw_fleet_hold_announcements_total", direction="received"): "0+9x40",
+            },
+            fires=False,
+        ),
+        id="fleet-rare-holds",
     ),
 ]
 

@@ -11,6 +11,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningGateway, StartGateway
+from tests.deploy.interface import FLEET_METRICS
 from tests.fleet.conftest import fleet_overrides
 from tests.poll import eventually
 from tests.process import GatewayProcess, spawn_gateway
@@ -278,3 +279,16 @@ async def test_tls_to_redis_refuses_an_unknown_ca(
     text = await gateway.metrics_text()
     assert metric(text, "cigw_fleet_redis_up") == 0
     assert metric(text, "cigw_fleet_fallback_active") == 1
+
+
+async def test_a_fleet_gateway_exports_the_charts_fleet_metrics(
+    start_gateway: StartGateway, redis_session: RedisServer
+) -> None:
+    """Every fleet metric the chart's alerts use is on a fleet gateway's /metrics page."""
+    gateway = await start_gateway(fleet_overrides(redis_session.url))
+    exported: set[str] = set()
+    for family in text_string_to_metric_families(await gateway.metrics_text()):
+        exported.update(sample.name for sample in family.samples)
+        exported.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    assert FLEET_METRICS
+    assert exported >= FLEET_METRICS

@@ -1,6 +1,7 @@
 """The sidecar benchmark: direct vs nginx vs the gateway, measured side by side in one run.
 
     python -m tests.perf.bench [--quick] [--write-results] [--duration S] [--rounds N]
+    python -m tests.perf.bench --fleet [--quick] [--duration S]   (tests/perf/fleet.py)
 
 Starts a local upstream (nginx returning a small JSON body; an aiohttp server when nginx is
 missing), a TLS token issuer (the sandbox's, in its own process), nginx as a header-injecting
@@ -1203,6 +1204,11 @@ def parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--quick", action="store_true", help="a few seconds, tiny sizes (the smoke test)"
     )
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="run the fleet-mode benchmark instead (tests/perf/fleet.py; needs redis-server)",
+    )
     parser.add_argument("--duration", type=float, help="seconds per measurement (default 10)")
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 5)")
     parser.add_argument("--rate", type=float, help="open-loop requests/s (default 1000)")
@@ -1281,6 +1287,12 @@ def parse(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the Markdown report."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--fleet" in arguments:
+        # Fleet mode's own scenarios, on Redis (tests/perf/fleet.py); --quick and --out apply.
+        from tests.perf.fleet import main as fleet_main
+
+        return fleet_main([word for word in arguments if word != "--fleet"])
     opts = parse(argv)
     if platform.system() != "Linux":
         print("the benchmark reads /proc: Linux only", file=sys.stderr)  # noqa: T201

@@ -145,6 +145,16 @@ CIGW_INSTANCE_DISCOVERY: {{ ternary "true" "false" $a.instanceDiscovery | quote 
 {{- with $rl.callerHeader }}
 CIGW_RATE_LIMIT_CALLER_HEADER: {{ . | quote }}
 {{- end }}
+{{- $fleet := .Values.fleet -}}
+{{- with $fleet.redis.url }}
+CIGW_REDIS_URL: {{ . | quote }}
+{{- if not (kindIs "invalid" $fleet.redis.timeoutSeconds) }}
+CIGW_REDIS_TIMEOUT: {{ $fleet.redis.timeoutSeconds | toString | quote }}
+{{- end }}
+{{- with $fleet.name }}
+CIGW_FLEET_NAME: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -195,6 +205,13 @@ sidecar template.
 {{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (eq $v.mode "sidecar") -}}
 {{- fail "metrics.serviceMonitor needs mode=gateway (a sidecar has no Service of its own): use metrics.podMonitor" -}}
+{{- end -}}
+{{- $redis := $v.fleet.redis -}}
+{{- if and (not $redis.url) (or $redis.passwordSecret $redis.caSecret $v.fleet.name (not (kindIs "invalid" $redis.timeoutSeconds))) -}}
+{{- fail "fleet.redis.passwordSecret, caSecret, timeoutSeconds and fleet.name need fleet.redis.url (fleet mode is off without it)" -}}
+{{- end -}}
+{{- if and $redis.caSecret (not (hasPrefix "rediss://" $redis.url)) -}}
+{{- fail "fleet.redis.caSecret needs a rediss:// fleet.redis.url: a CA pins nothing on plain redis://" -}}
 {{- end -}}
 {{- if and $v.sidecar.demo.enabled (ne $v.mode "sidecar") -}}
 {{- fail "sidecar.demo.enabled=true needs mode=sidecar" -}}
@@ -260,6 +277,14 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
       value: {{ printf "%s/subscription-keys/%s" $mount $v.subscriptionKeys.secretKeys.secondary | quote }}
     {{- end }}
     {{- end }}
+    {{- if $v.fleet.redis.passwordSecret }}
+    - name: CIGW_REDIS_PASSWORD_FILE
+      value: {{ printf "%s/redis-password/%s" $mount $v.fleet.redis.passwordKey | quote }}
+    {{- end }}
+    {{- if $v.fleet.redis.caSecret }}
+    - name: CIGW_REDIS_CA_FILE
+      value: {{ printf "%s/redis-ca/%s" $mount $v.fleet.redis.caKey | quote }}
+    {{- end }}
     {{- with $v.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -315,6 +340,16 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
       mountPath: {{ printf "%s/subscription-keys" $mount }}
       readOnly: true
     {{- end }}
+    {{- if $v.fleet.redis.passwordSecret }}
+    - name: cigw-redis-password
+      mountPath: {{ printf "%s/redis-password" $mount }}
+      readOnly: true
+    {{- end }}
+    {{- if $v.fleet.redis.caSecret }}
+    - name: cigw-redis-ca
+      mountPath: {{ printf "%s/redis-ca" $mount }}
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{/*
@@ -352,6 +387,22 @@ names it.
       - key: {{ $v.subscriptionKeys.secretKeys.secondary }}
         path: {{ $v.subscriptionKeys.secretKeys.secondary }}
       {{- end }}
+{{- end }}
+{{- with $v.fleet.redis.passwordSecret }}
+- name: cigw-redis-password
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $v.fleet.redis.passwordKey }}
+        path: {{ $v.fleet.redis.passwordKey }}
+{{- end }}
+{{- with $v.fleet.redis.caSecret }}
+- name: cigw-redis-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $v.fleet.redis.caKey }}
+        path: {{ $v.fleet.redis.caKey }}
 {{- end }}
 {{- end -}}
 
