@@ -25,6 +25,7 @@ from tests.conftest import (
     base_url,
     start_app,
 )
+from tests.process import run_cli
 from tests.servers.forward_proxy import ForwardProxy, running_tinyproxy
 from tests.servers.upstream import Upstream
 
@@ -349,3 +350,33 @@ async def test_a_remote_proxy_never_carries_loopback_destinations(
     gw = await start_gateway({**NO_PROXY_VARIABLES, "HTTPS_PROXY": remote, "HTTP_PROXY": remote})
     assert (await get(gw))[0] == 200
     assert upstream.count() == 1
+
+
+async def test_a_bad_proxy_variable_stops_the_cli_with_exit_2(gateway_env: dict[str, str]) -> None:
+    """check-config and serve with an unusable proxy URL: exit 2, the variable named, no secret."""
+    env = {**gateway_env, "HTTPS_PROXY": f"socks5://{PROXY_USER}:{PROXY_PASSWORD}@proxy:1080"}
+    for command in ("check-config", "serve"):
+        code, out, err = await run_cli(env, command)
+        assert code == 2
+        assert "HTTPS_PROXY names a socks5 proxy" in err
+        assert "Traceback" not in err
+        assert PROXY_PASSWORD not in out + err
+
+
+async def test_check_config_states_each_destinations_egress(
+    gateway_env: dict[str, str], issuer: TokenIssuer
+) -> None:
+    """check-config prints one egress decision per destination, the proxy's credentials hidden."""
+    env = {
+        **gateway_env,
+        "HTTPS_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:3128",
+        "no_proxy": "127.0.0.1:1",
+    }
+    code, out, _ = await run_cli(env, "check-config")
+    assert code == 0
+    shown = dict(line.strip().split("  ", 1) for line in out.splitlines()[1:])
+    assert shown["egress: token endpoint"].strip() == "proxy 127.0.0.1:3128 (from HTTPS_PROXY)"
+    assert shown["egress: upstream"].strip() == "direct (no proxy configured)"
+    assert "http://(credentials redacted)@127.0.0.1:3128" in out
+    assert PROXY_PASSWORD not in out
+    assert PROXY_USER not in out
