@@ -17,6 +17,7 @@ import asyncio
 import http
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Final, TypeVar
@@ -73,19 +74,21 @@ async def open_through_proxy(
             f"the upstream's TLS certificate is not trusted (through the egress proxy "
             f"{proxy.address})"
         ) from None
-    except ssl.SSLError:
+    except ssl.SSLError as exc:
         opening.abort()
         raise UpstreamUnreachable(
-            f"TLS handshake failed with the upstream through the egress proxy {proxy.address}"
+            f"TLS handshake with the upstream through the egress proxy {proxy.address} failed "
+            f"({exc.reason or 'protocol error'})"
         ) from None
     except _TunnelClosed as exc:
         opening.abort()
         raise UpstreamUnreachable(f"{opening.step}: {exc}") from None
     except OSError as exc:
         opening.abort()
-        reason = os.strerror(exc.errno) if exc.errno else str(exc) or "connection failed"
-        if exc.errno is not None and exc.errno < 0:
-            reason = f"cannot resolve {proxy.host}"  # getaddrinfo's EAI_* codes are negative
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve {proxy.host}"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else "connection failed"
         raise UpstreamUnreachable(
             f"cannot connect to the egress proxy {proxy.address} ({reason})"
         ) from None
