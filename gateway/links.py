@@ -11,10 +11,12 @@ the destination never does.
 The JSON rewriting streams: it never holds more than one read plus a short tail, and it
 touches nothing but the values of the OData annotations named below, leaving every other
 byte as it came. Why it is safe to hand-write (held to `json.loads` by a property test,
-tests/unit/test_links.py): a candidate is found by a literal search (`@odata.`), and is
-rewritten only when the position of its key's opening quote is outside every JSON string,
-which is decided exactly from the quotes before it (their parity when none is escaped, a
-possessive regular expression over the strings otherwise). Deliberate differences from
+tests/unit/test_links.py): a candidate is found by one regular-expression search with a
+literal start (`@odata.…"`, colon, `"`, the upstream's base), so no byte is looked at in
+Python. In valid JSON a quote that no backslash escapes is a string delimiter, and one
+followed by a name, `@odata.nextLink"` and a colon can only open a key, so checking that
+the key's opening quote is unescaped is exact without following the document's
+structure; the quote after the annotation's name is unescaped by the pattern itself. Deliberate differences from
 "parse, rewrite, serialise" are listed in SECURITY.md.
 """
 
@@ -41,10 +43,6 @@ _HOST: Final = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
     r"[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
 )
-# Inside a JSON string: the rest up to its closing quote. Outside: non-quote runs and whole
-# strings. Possessive, so they run in linear time on any input.
-_STRING_REST: Final = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.DOTALL)
-_OUTSIDE: Final = re.compile(rb'(?:[^"]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
 _BOUNDARY: Final = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 _HEAD_END: Final = re.compile(rb"\r?\n\r?\n")
 
@@ -143,14 +141,14 @@ class Links:
 class JsonLinks:
     """Feeds a JSON body through in reads; returns what may be sent so far."""
 
-    __slots__ = ("_buffer", "_candidate", "_inside", "_replacement", "_skip", "_tail")
+    __slots__ = ("_buffer", "_candidate", "_odd", "_replacement", "_skip", "_tail")
 
     def __init__(self, rewriter: LinkRewriter, replacement: bytes) -> None:
         self._candidate = rewriter._candidate
         self._tail = rewriter.tail
         self._replacement = replacement
         self._buffer = b""
-        self._inside = False  # whether the buffer's first byte is inside a JSON string
+        self._odd = False  # whether what was sent ends in an odd run of backslashes
         self._skip = 0  # candidates starting before this were already decided
 
     def feed(self, data: bytes) -> bytes:
@@ -163,57 +161,38 @@ class JsonLinks:
 
     def _run(self, buffer: bytes, *, final: bool) -> bytes:
         out: list[bytes] = []
-        emitted, emitted_inside = 0, self._inside  # sent up to here; the state there
-        known, inside = 0, self._inside  # a position whose state is known, and it
-        decided = 0
+        emitted = decided = 0
         for match in self._candidate.finditer(buffer, self._skip):
             at = match.start()
             decided = match.end()
             quote = buffer.rfind(b'"', max(0, at - MAX_KEY_NAME - 1), at)
-            if quote < known or buffer.find(b"\\", quote, at) != -1:
-                continue  # no plain key string in reach: not an annotation key
-            inside = _inside_at(buffer, known, quote, inside)
-            known = quote
-            if inside:
-                continue  # the "key" is text inside some string value
+            if quote < 0 or buffer.find(b"\\", quote, at) != -1 or self._escaped(buffer, quote):
+                continue  # no plain, unescaped key string in reach: not an annotation key
             start, end = match.span(1)
             out.append(buffer[emitted:start])
             out.append(self._replacement)
-            emitted, emitted_inside = end, True
-            known, inside = end, True  # inside the value string, after the base
+            emitted = end
         if final:
             out.append(buffer[emitted:])
             self._buffer = b""
             return b"".join(out)
         split = max(len(buffer) - self._tail, emitted)
-        while split > emitted and buffer[split - 1] == 0x5C:  # never right after a backslash
-            split -= 1
-        if known > split:
-            known, inside = emitted, emitted_inside
-        self._inside = _inside_at(buffer, known, split, inside)
         out.append(buffer[emitted:split])
+        self._odd = self._odd_run_before(buffer, split)
         self._buffer = buffer[split:]
         self._skip = max(0, decided - split)
         return b"".join(out)
 
+    def _escaped(self, buffer: bytes, quote: int) -> bool:
+        """Whether the quote at `quote` is escaped: an odd run of backslashes before it."""
+        return self._odd_run_before(buffer, quote)
 
-def _inside_at(buffer: bytes, start: int, stop: int, inside: bool) -> bool:
-    """Whether `stop` is inside a JSON string, given whether `start` is."""
-    if start >= stop:
-        return inside
-    quotes = buffer.count(b'"', start, stop)
-    if not quotes:
-        return inside
-    if buffer.find(b'\\"', start, stop) == -1:
-        return inside ^ (quotes & 1 == 1)  # no escaped quote: every quote opens or closes
-    position = start
-    if inside:
-        closed = _STRING_REST.match(buffer, position, stop)
-        if closed is None:
-            return True
-        position = closed.end()
-    outside = _OUTSIDE.match(buffer, position, stop)
-    return outside is None or outside.end() != stop
+    def _odd_run_before(self, buffer: bytes, position: int) -> bool:
+        run_start = position
+        while run_start > 0 and buffer[run_start - 1] == 0x5C:
+            run_start -= 1
+        odd = (position - run_start) & 1 == 1
+        return odd ^ self._odd if run_start == 0 else odd
 
 
 def _boundary(content_type: str) -> str | None:

@@ -85,6 +85,7 @@ class Options:
     extra_env: tuple[tuple[str, str], ...] = ()  # more gateway environment (experiments)
     candidate_src: Path | None = None  # a second gateway build, measured alongside
     profile_at_rate: bool = False  # profile at the fixed rate instead of saturated
+    routes: bool = False  # run the routes and link-rewriting scenario instead (routes_bench.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1254,6 +1255,11 @@ def parse(argv: Sequence[str] | None) -> Options:
         help="comma-separated subset to measure (e.g. gateway, to compare gateway builds)",
     )
     parser.add_argument(
+        "--routes",
+        action="store_true",
+        help="measure what routing and link rewriting add instead (tests/perf/routes_bench.py)",
+    )
+    parser.add_argument(
         "--profile",
         choices=("py-spy", "pyinstrument"),
         help="profile the saturated gateway instead",
@@ -1281,6 +1287,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "candidate_src": args.candidate_src.resolve() if args.candidate_src else None,
         "targets": tuple(name.strip() for name in args.targets.split(",")),
         "extra_env": tuple(tuple(item.split("=", 1)) for item in args.env) or None,
+        "routes": args.routes or None,
     }
     return dataclasses.replace(base, **{k: v for k, v in chosen.items() if v is not None})
 
@@ -1301,6 +1308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def say(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)  # noqa: T201
+
+    if opts.routes:
+        from tests.perf import routes_bench  # its own scenario, its own module
+
+        return routes_bench.main(opts, say)
 
     try:
         import uvloop

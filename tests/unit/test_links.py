@@ -231,3 +231,27 @@ def test_batch_parts_are_rewritten_and_everything_else_kept() -> None:
         )
         == body
     )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param('"', id="escaped-quote"),
+        pytest.param('\\"', id="backslash-then-escaped-quote"),
+        pytest.param('a\\\\"', id="two-backslashes-then-escaped-quote"),
+        # Longer than the hold-back: some cut splits the backslashes between two reads.
+        pytest.param("\\" * 700 + '"', id="long-backslash-run"),
+    ],
+)
+def test_a_key_whose_name_ends_in_an_escaped_quote_is_not_an_annotation(name: str) -> None:
+    """`"\\"@odata.nextLink"` is a key named `"@odata.nextLink`: left alone, at every cut."""
+    document = {
+        "padding": "x" * 1500,  # longer than the hold-back: the cut can split the backslashes
+        name + "@odata.nextLink": "https://contoso.crm.dynamics.com/api/data/v9.2/x",
+        "@odata.nextLink": "https://contoso.crm.dynamics.com/api/data/v9.2/y",
+    }
+    body = json.dumps(document).encode()
+    for cut in range(len(body) + 1):
+        out = json.loads(streamed(body, [cut]))
+        assert out == reference(document), cut
+        assert out["@odata.nextLink"] == f"{GATEWAY}/y"
