@@ -81,6 +81,8 @@ def create_app(
 ) -> Gateway:
     """Build the proxy handler and the admin application; serve() starts the resources."""
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    for route in settings.routes:
+        metrics.add_route(route.name)
     for secret in settings.egress.secrets():
         gateway_logging.redactor.register(secret)  # proxy credentials, wherever they surface
     msal_acquirer = MsalAcquirer(settings) if acquirer is None else None
@@ -124,7 +126,11 @@ def create_app(
         {state.name: state.tokens for state in states}, named=not settings.routes[0].implicit
     )
     metrics.ready.set_function(lambda: 0 if readiness.reason() else 1)
-    metrics.upstream_hold.set_function(lambda: max(s.hold.remaining() for s in states))
+    for state in states:
+        metrics.upstream_hold.labels(route=state.name).set_function(state.hold.remaining)
+    # Tokens are per scope; the gauge shows the one that expires first.
+    managers = list(tokens_by_scope.values())
+    metrics.token_expiry.set_function(lambda: min(m.expires_at for m in managers))
     limiter = worker_limiter(settings, monotonic, fleet)
     proxy = Proxy(settings=settings, metrics=metrics)
     handler = proxy_handler(proxy, metrics, limiter, router, caller_header)

@@ -19,7 +19,7 @@ from gateway.errors import (
     NoRoute,
 )
 from gateway.logging import access_log, get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import NO_ROUTE, Metrics
 from gateway.proxy import Proxy, refuse
 from gateway.ratelimit import LocalLimiter
 from gateway.routing import Router, RouteState
@@ -52,7 +52,7 @@ def proxy_handler(
         ctx = _start_context(request)
         # 2. Access log and metrics wrap everything below, so refusals are counted too.
         tally.started()
-        status, aborted = 500, False
+        status, aborted, route_name = 500, False, NO_ROUTE
         try:
             # 3. Error mapping turns a GatewayError raised below into JSON; the only place.
             try:
@@ -60,6 +60,7 @@ def proxy_handler(
                 # any upstream I/O; only then is a caller that waits for "100 Continue"
                 # told to send its body.
                 route, path = _route(request, router)
+                route_name = route.name
                 _refuse_early(request, limiter, route, metrics, caller_header)
                 if "Expect" in request.headers:
                     await expect_continue(request)
@@ -77,7 +78,7 @@ def proxy_handler(
             raise
         finally:
             seconds = time.perf_counter() - ctx.started
-            tally.finished(request.method, status, seconds)
+            tally.finished(request.method, status, seconds, route_name)
             access_log.request(
                 ctx.request_id,
                 request.path,
@@ -141,7 +142,7 @@ def _refuse_early(
     if refusal is None and route.limiter is not None:
         refusal = route.limiter.check(None)
     if refusal is not None:
-        refuse(refusal, metrics)
+        refuse(refusal, metrics, route.name)
 
 
 def _map_error(ctx: RequestContext, exc: Exception) -> web.StreamResponse:

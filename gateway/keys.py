@@ -52,6 +52,7 @@ class SubscriptionKeys:
     def __init__(self, settings: Settings, metrics: Metrics, route: Route | None = None) -> None:
         self._metrics = metrics
         route = route or settings.routes[0]
+        self._route = route.name
         self._slots = [
             _Slot(name, source)
             for name, source in (
@@ -87,7 +88,7 @@ class SubscriptionKeys:
         index, slot = others[0]
         if self._slots[self._active].name == rejected_slot:
             self._active = index
-            self._metrics.key_fallbacks.inc()
+            self._metrics.key_fallbacks.labels(route=self._route).inc()
             self._publish()
             log.warning("subscription_key_fallback", rejected=rejected_slot, now_using=slot.name)
         assert slot.value is not None  # noqa: S101 - filtered above
@@ -102,7 +103,7 @@ class SubscriptionKeys:
                 changed |= slot.apply(value)
         if changed:
             self._active = 0
-            self._metrics.key_reloads.inc()
+            self._metrics.key_reloads.labels(route=self._route).inc()
             self._publish()
             log.info("subscription_keys_reloaded", active=self._slots[0].name)
         return changed
@@ -127,4 +128,6 @@ class SubscriptionKeys:
         return values
 
     def _publish(self) -> None:
-        self._metrics.set_active_key(self._slots[self._active].name if self._slots else None)
+        self._metrics.set_active_key(
+            self._slots[self._active].name if self._slots else None, self._route
+        )

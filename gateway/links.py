@@ -16,8 +16,8 @@ literal start (`@odata.…"`, colon, `"`, the upstream's base), so no byte is lo
 Python. In valid JSON a quote that no backslash escapes is a string delimiter, and one
 followed by a name, `@odata.nextLink"` and a colon can only open a key, so checking that
 the key's opening quote is unescaped is exact without following the document's
-structure; the quote after the annotation's name is unescaped by the pattern itself. Deliberate differences from
-"parse, rewrite, serialise" are listed in SECURITY.md.
+structure; the quote after the annotation's name is unescaped by the pattern itself.
+Deliberate differences from "parse, rewrite, serialise" are listed in SECURITY.md.
 """
 
 from __future__ import annotations

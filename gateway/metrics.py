@@ -1,7 +1,8 @@
 """Every Prometheus metric the gateway exports, on an injected registry.
 
 Metric names and labels are part of the public interface (dashboards and alerts
-depend on them). No label ever carries a raw path or a caller-chosen value.
+depend on them). No label ever carries a raw path or a caller-chosen value: `route` is a
+configured prefix ("/" without YAML routes:), or "none" for a request no route took.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gateway import __version__
 
 # Methods outside this set share one label value, so callers cannot grow cardinality.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+NO_ROUTE = "none"  # the route label of requests refused before a route was chosen
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -54,41 +56,44 @@ class Metrics:
         )
         self.key_active = Gauge(
             "cigw_subscription_key_active",
-            "1 for the subscription key slot sent first.",
-            ["slot"],
+            "1 for the subscription key slot sent first, per route.",
+            ["slot", "route"],
             registry=registry,
         )
         self.key_fallbacks = Counter(
             "cigw_subscription_key_fallbacks",
             "Switches to the other subscription key after APIM rejected one.",
+            ["route"],
             registry=registry,
         )
         self.upstream_auth_rejections = Counter(
             "cigw_upstream_auth_rejections",
             "401 answers from the upstream, by what was rejected (key or token).",
-            ["credential"],
+            ["credential", "route"],
             registry=registry,
         )
         self.key_reloads = Counter(
             "cigw_subscription_key_reloads",
             "Subscription key files re-read after a change.",
+            ["route"],
             registry=registry,
         )
         self.rate_limited = Counter(
             "cigw_rate_limited",
             "Requests answered 429 locally, by scope.",
-            ["scope"],
+            ["scope", "route"],
             registry=registry,
         )
         self.upstream_hold = Gauge(
             "cigw_upstream_hold_seconds",
-            "Seconds left in the hold the upstream asked for.",
+            "Seconds left in the hold the upstream asked for, per route.",
+            ["route"],
             registry=registry,
         )
         self.upstream_retries = Counter(
             "cigw_upstream_retries",
             "Requests sent upstream again, by reason.",
-            ["reason"],
+            ["reason", "route"],
             registry=registry,
         )
         self.retry_budget_exhausted = Counter(
@@ -109,14 +114,8 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=__version__).set(1)
-        for scope in ("global", "caller", "upstream"):
-            self.rate_limited.labels(scope=scope)
         for outcome in ("success", "failure"):
             self.token_requests.labels(outcome=outcome)
-        for reason in ("connect_error", "status_502", "status_503", "status_504"):
-            self.upstream_retries.labels(reason=reason)
-        for credential in ("key", "token"):
-            self.upstream_auth_rejections.labels(credential=credential)
         for outcome in ("success", "failure"):
             self.tls_reloads.labels(outcome=outcome)
 
@@ -124,10 +123,22 @@ class Metrics:
         """Count a certificate reload: taken, or refused and the previous pair kept."""
         self.tls_reloads.labels(outcome="success" if ok else "failure").inc()
 
-    def set_active_key(self, slot: str | None) -> None:
-        """Mark which key slot is sent first (none: no key configured)."""
+    def add_route(self, route: str) -> None:
+        """Create a route's series at zero, so dashboards see them before the first event."""
+        for scope in ("global", "caller", "route", "upstream"):
+            self.rate_limited.labels(scope=scope, route=route)
+        for reason in ("connect_error", "status_502", "status_503", "status_504"):
+            self.upstream_retries.labels(reason=reason, route=route)
+        for credential in ("key", "token"):
+            self.upstream_auth_rejections.labels(credential=credential, route=route)
+        self.key_fallbacks.labels(route=route)
+        self.key_reloads.labels(route=route)
+        self.tally.add_route(route)
+
+    def set_active_key(self, slot: str | None, route: str = "/") -> None:
+        """Mark which key slot `route` sends first (none: no key configured)."""
         for name in ("primary", "secondary"):
-            self.key_active.labels(slot=name).set(1 if name == slot else 0)
+            self.key_active.labels(slot=name, route=route).set(1 if name == slot else 0)
 
 
 # Redis round trips on loopback or in-cluster take well under a millisecond to a few.
@@ -196,51 +207,63 @@ class RequestTally(Collector):
 
     def __init__(self) -> None:
         self.inflight = 0
-        self._requests: dict[tuple[str, int], list[float]] = {}  # [count, created]
-        self._durations: dict[str, _Histogram] = {}
-        self._upstream = _Histogram()
+        self._requests: dict[tuple[str, int, str], list[float]] = {}  # [count, created]
+        self._durations: dict[tuple[str, str], _Histogram] = {}
+        self._upstream: dict[str, _Histogram] = {}
 
     def started(self) -> None:
         """A request arrived on the proxy listener."""
         self.inflight += 1
 
-    def finished(self, method: str, status: int, seconds: float) -> None:
-        """A request was answered (or abandoned) after `seconds`."""
+    def finished(self, method: str, status: int, seconds: float, route: str = NO_ROUTE) -> None:
+        """A request on `route` was answered (or abandoned) after `seconds`."""
         self.inflight -= 1
         method = method if method in KNOWN_METHODS else "OTHER"
-        counted = self._requests.get((method, status))
+        counted = self._requests.get((method, status, route))
         if counted is None:
-            counted = self._requests[(method, status)] = [0, time.time()]
+            counted = self._requests[(method, status, route)] = [0, time.time()]
         counted[0] += 1
-        histogram = self._durations.get(method)
+        histogram = self._durations.get((method, route))
         if histogram is None:
-            histogram = self._durations[method] = _Histogram()
+            histogram = self._durations[(method, route)] = _Histogram()
         histogram.observe(seconds)
 
-    def upstream_answered(self, seconds: float) -> None:
-        """The upstream's answer head arrived `seconds` after the request was sent."""
-        self._upstream.observe(seconds)
+    def add_route(self, route: str) -> None:
+        """Export `route`'s upstream latency series at zero before its first answer."""
+        self._upstream.setdefault(route, _Histogram())
+
+    def upstream_answered(self, seconds: float, route: str = "/") -> None:
+        """`route`'s upstream answer head arrived `seconds` after the request was sent."""
+        histogram = self._upstream.get(route)
+        if histogram is None:
+            histogram = self._upstream[route] = _Histogram()
+        histogram.observe(seconds)
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily | GaugeMetricFamily]:
         """The four metric families, in prometheus-client's exposition types."""
         requests = CounterMetricFamily(
-            "cigw_requests", "Requests answered on the proxy listener.", labels=["method", "code"]
+            "cigw_requests",
+            "Requests answered on the proxy listener.",
+            labels=["method", "code", "route"],
         )
-        for (method, status), (count, created) in sorted(self._requests.items()):
-            requests.add_metric([method, str(status)], count, created=created)
+        for (method, status, route), (count, created) in sorted(self._requests.items()):
+            requests.add_metric([method, str(status), route], count, created=created)
         yield requests
         durations = HistogramMetricFamily(
             "cigw_request_duration_seconds",
             "Time from request received to response finished.",
-            labels=["method"],
+            labels=["method", "route"],
         )
-        for method, histogram in sorted(self._durations.items()):
-            durations.add_metric([method], histogram.buckets(), histogram.sum)
+        for (method, route), histogram in sorted(self._durations.items()):
+            durations.add_metric([method, route], histogram.buckets(), histogram.sum)
         yield durations
         upstream = HistogramMetricFamily(
-            "cigw_upstream_duration_seconds", "Time from sending upstream to response headers."
+            "cigw_upstream_duration_seconds",
+            "Time from sending upstream to response headers.",
+            labels=["route"],
         )
-        upstream.add_metric([], self._upstream.buckets(), self._upstream.sum)
+        for route, histogram in sorted(self._upstream.items()):
+            upstream.add_metric([route], histogram.buckets(), histogram.sum)
         yield upstream
         yield GaugeMetricFamily(
             "cigw_inflight_requests",

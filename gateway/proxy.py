@@ -256,9 +256,9 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - now)
 
 
-def refuse(refusal: Refusal, metrics: Metrics) -> NoReturn:
-    """Count a local 429 by its scope and raise it, with its Retry-After and RateLimit headers."""
-    metrics.rate_limited.labels(scope=refusal.scope).inc()
+def refuse(refusal: Refusal, metrics: Metrics, route: str) -> NoReturn:
+    """Count a local 429 by its scope and route; raise it, with Retry-After and RateLimit."""
+    metrics.rate_limited.labels(scope=refusal.scope, route=route).inc()
     raise RateLimited(refusal.message(), headers=refusal.headers())
 
 
@@ -395,7 +395,7 @@ class Proxy:
         while True:
             refusal = hold.check()
             if refusal is not None:
-                refuse(refusal, self.metrics)
+                refuse(refusal, self.metrics, route.name)
             headers["Authorization"] = f"Bearer {attempt.token}"
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]
@@ -414,7 +414,7 @@ class Proxy:
                     if await self._may_retry(attempt, "connect_error", None):
                         continue
                     raise
-                self.metrics.tally.upstream_answered(time.perf_counter() - started)
+                self.metrics.tally.upstream_answered(time.perf_counter() - started, route.name)
                 ctx.upstream_status = response.status
                 try:
                     if response.status in _RECONSIDER:
@@ -453,7 +453,9 @@ class Proxy:
     async def _on_unauthorized(self, response: Response, attempt: _Attempt) -> tuple[bool, bytes]:
         kind, prefix = await self._classify_401(response)
         if kind == "key":
-            self.metrics.upstream_auth_rejections.labels(credential="key").inc()
+            self.metrics.upstream_auth_rejections.labels(
+                credential="key", route=attempt.route.name
+            ).inc()
             if attempt.key is None or attempt.tried_other_key:
                 return False, prefix
             # Switch even when this request cannot be replayed: the next ones will succeed.
@@ -463,7 +465,9 @@ class Proxy:
             attempt.key, attempt.tried_other_key = other, True
             return True, prefix
         if kind == "token":
-            self.metrics.upstream_auth_rejections.labels(credential="token").inc()
+            self.metrics.upstream_auth_rejections.labels(
+                credential="token", route=attempt.route.name
+            ).inc()
             if attempt.refreshed_token or not attempt.replayable:
                 return False, prefix
             attempt.token = await attempt.route.tokens.replace(attempt.token)
@@ -482,7 +486,7 @@ class Proxy:
         if not attempt.route.budget.try_spend():
             self.metrics.retry_budget_exhausted.inc()
             return False
-        self.metrics.upstream_retries.labels(reason=reason).inc()
+        self.metrics.upstream_retries.labels(reason=reason, route=attempt.route.name).inc()
         # Full jitter (AWS architecture blog): spreads a burst of retries over the window.
         delay = hint if hint is not None else self.rng() * min(2.0, 0.05 * 2**attempt.retries)
         attempt.retries += 1

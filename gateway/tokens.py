@@ -328,6 +328,12 @@ class TokenManager:
         return token is not None and self._clock() < token.expires_at
 
     @property
+    def expires_at(self) -> float:
+        """Unix time at which the held token expires (0 when there is none)."""
+        token = self._token
+        return token.expires_at if token else 0.0
+
+    @property
     def problem(self) -> str | None:
         """Why the last acquisition failed, safe to show a caller."""
         return self._problem

@@ -30,18 +30,18 @@ def _metric(kind: MetricKind, *labels: str) -> Metric:
 # Names as they appear in PromQL and in the text exposition.
 CHART_METRICS: Final = MappingProxyType(
     {
-        "cigw_requests_total": _metric("counter", "method", "code"),
-        "cigw_request_duration_seconds": _metric("histogram", "method"),
-        "cigw_upstream_duration_seconds": _metric("histogram"),
+        "cigw_requests_total": _metric("counter", "method", "code", "route"),
+        "cigw_request_duration_seconds": _metric("histogram", "method", "route"),
+        "cigw_upstream_duration_seconds": _metric("histogram", "route"),
         "cigw_inflight_requests": _metric("gauge"),
         "cigw_token_requests_total": _metric("counter", "outcome"),
         "cigw_token_expiry_timestamp_seconds": _metric("gauge"),
-        "cigw_subscription_key_active": _metric("gauge", "slot"),
-        "cigw_subscription_key_fallbacks_total": _metric("counter"),
+        "cigw_subscription_key_active": _metric("gauge", "slot", "route"),
+        "cigw_subscription_key_fallbacks_total": _metric("counter", "route"),
         "cigw_build_info": _metric("gauge", "version"),
-        "cigw_rate_limited_total": _metric("counter", "scope"),
-        "cigw_upstream_hold_seconds": _metric("gauge"),
-        "cigw_upstream_retries_total": _metric("counter", "reason"),
+        "cigw_rate_limited_total": _metric("counter", "scope", "route"),
+        "cigw_upstream_hold_seconds": _metric("gauge", "route"),
+        "cigw_upstream_retries_total": _metric("counter", "reason", "route"),
         "cigw_retry_budget_exhausted_total": _metric("counter"),
         "cigw_ready": _metric("gauge"),
         "cigw_token_renewal_failures_total": _metric("counter"),
@@ -65,7 +65,7 @@ LABEL_VALUES: Final = MappingProxyType(
         ("cigw_token_requests_total", "outcome"): frozenset({"success", "failure"}),
         ("cigw_subscription_key_active", "slot"): frozenset({"primary", "secondary"}),
         ("cigw_fleet_hold_announcements_total", "direction"): frozenset({"sent", "received"}),
-        ("cigw_rate_limited_total", "scope"): frozenset({"global", "caller", "upstream"}),
+        ("cigw_rate_limited_total", "scope"): frozenset({"global", "caller", "route", "upstream"}),
     }
 )
 

@@ -47,7 +47,8 @@ async def test_metrics_expose_the_documented_names(gw: RunningGateway) -> None:
     assert families.keys() >= INTERFACE_METRICS
     requests = families["cigw_requests"]
     assert any(
-        s.labels == {"method": "GET", "code": "200"} and s.value == 1 for s in requests.samples
+        s.labels == {"method": "GET", "code": "200", "route": "/"} and s.value == 1
+        for s in requests.samples
     )
     expiry = families["cigw_token_expiry_timestamp_seconds"].samples[0].value
     assert expiry > 0

@@ -27,9 +27,9 @@ async def test_regenerated_primary_falls_back_to_secondary(
     assert await _status(gw) == 200
     assert upstream.seen[-1].header_values("Ocp-Apim-Subscription-Key") == [CANARY_SECONDARY]
     metrics = await gw.metrics_text()
-    assert "cigw_subscription_key_fallbacks_total 1.0" in metrics
-    assert 'cigw_subscription_key_active{slot="secondary"} 1.0' in metrics
-    assert 'cigw_subscription_key_active{slot="primary"} 0.0' in metrics
+    assert 'cigw_subscription_key_fallbacks_total{route="/"} 1.0' in metrics
+    assert 'cigw_subscription_key_active{route="/",slot="secondary"} 1.0' in metrics
+    assert 'cigw_subscription_key_active{route="/",slot="primary"} 0.0' in metrics
 
 
 async def test_both_keys_invalid_returns_apim_401_without_looping(
@@ -43,8 +43,8 @@ async def test_both_keys_invalid_returns_apim_401_without_looping(
         body = await response.json()
     assert "invalid subscription key" in body["message"]
     metrics = await gw.metrics_text()
-    assert 'cigw_upstream_auth_rejections_total{credential="key"} 2.0' in metrics
-    assert "cigw_subscription_key_fallbacks_total 1.0" in metrics
+    assert 'cigw_upstream_auth_rejections_total{credential="key",route="/"} 2.0' in metrics
+    assert 'cigw_subscription_key_fallbacks_total{route="/"} 1.0' in metrics
 
 
 async def test_no_key_configured_sends_none(
@@ -112,5 +112,5 @@ async def test_key_file_rotation_without_failed_request(
     assert statuses
     assert set(statuses) == {200}
     metrics = await gw.metrics_text()
-    assert "cigw_subscription_key_reloads_total 1.0" in metrics
-    assert 'cigw_subscription_key_active{slot="primary"} 1.0' in metrics
+    assert 'cigw_subscription_key_reloads_total{route="/"} 1.0' in metrics
+    assert 'cigw_subscription_key_active{route="/",slot="primary"} 1.0' in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,9 @@ async def test_route_rate_limit_is_its_own_budget(
     for _ in range(3):
         assert (await get(gw, "/ci/echo/c"))[0] == 200
     assert len(dataverse.seen) == 1
-    assert 'cigw_rate_limited_total{scope="route"} 1.0' in await gw.metrics_text()
+    assert (
+        'cigw_rate_limited_total{route="/dataverse/",scope="route"} 1.0' in await gw.metrics_text()
+    )
 
 
 async def test_strip_headers_applies_to_its_route_only(
@@ -230,3 +233,22 @@ async def test_readyz_names_the_route_without_a_token(
     assert "/ci/" not in reason
     assert (await get(gw, "/ci/echo/x"))[0] == 200
     assert (await get(gw, "/dataverse/echo/x"))[0] == 503
+
+
+async def test_metrics_carry_the_route_label(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """Requests, upstream latency and the hold are counted per route; unrouted as "none"."""
+    gw = await start_routes()
+    dataverse.fail_next, dataverse.retry_after = [429], "30"
+    for path in ("/ci/echo/a", "/ci/echo/b", "/dataverse/echo/c", "/nowhere"):
+        await get(gw, path)
+    text = await gw.metrics_text()
+    assert 'cigw_requests_total{code="200",method="GET",route="/ci/"} 2.0' in text
+    assert 'cigw_requests_total{code="429",method="GET",route="/dataverse/"} 1.0' in text
+    assert 'cigw_requests_total{code="404",method="GET",route="none"} 1.0' in text
+    assert 'cigw_upstream_duration_seconds_count{route="/ci/"} 2.0' in text
+    assert 'cigw_upstream_hold_seconds{route="/ci/"} 0.0' in text
+    hold = re.search(r'^cigw_upstream_hold_seconds\{route="/dataverse/"\} (\S+)$', text, re.M)
+    assert hold is not None
+    assert 25 < float(hold.group(1)) <= 30

@@ -107,7 +107,7 @@ async def test_upstream_401_for_token_gets_fresh_token_once(
     assert len(upstream.seen) == 1  # the rejected attempt never reached the handler
     assert upstream.seen[0].header_values("Authorization") == [f"Bearer {issuer.issued[-1]}"]
     metrics = await gw.metrics_text()
-    assert 'cigw_upstream_auth_rejections_total{credential="token"} 1.0' in metrics
+    assert 'cigw_upstream_auth_rejections_total{credential="token",route="/"} 1.0' in metrics
 
 
 async def test_upstream_401_twice_is_passed_back(

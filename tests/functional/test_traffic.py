@@ -45,7 +45,7 @@ async def test_global_bucket_allows_burst_then_rps(
     statuses = [(await _get(gw))[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
     metrics = await gw.metrics_text()
-    assert 'cigw_rate_limited_total{scope="global"} 3.0' in metrics
+    assert 'cigw_rate_limited_total{route="/",scope="global"} 3.0' in metrics
 
 
 async def test_caller_buckets_are_independent_and_header_not_forwarded(
@@ -66,7 +66,7 @@ async def test_caller_buckets_are_independent_and_header_not_forwarded(
     assert billing == [200, 200, 429]
     assert crm == [200, 200]
     assert all(not seen.header_values("X-Caller") for seen in upstream.seen)
-    assert 'cigw_rate_limited_total{scope="caller"} 1.0' in await gw.metrics_text()
+    assert 'cigw_rate_limited_total{route="/",scope="caller"} 1.0' in await gw.metrics_text()
 
 
 async def test_upstream_429_holds_the_whole_gateway(
@@ -89,13 +89,15 @@ async def test_upstream_429_holds_the_whole_gateway(
     clock.now += 1.2
     status, headers, _ = await _get(gw)
     assert (status, headers["Retry-After"]) == (429, "1")
-    hold = re.search(r"^cigw_upstream_hold_seconds (\S+)$", await gw.metrics_text(), re.M)
+    hold = re.search(
+        r'^cigw_upstream_hold_seconds{route="/"} (\S+)$', await gw.metrics_text(), re.M
+    )
     assert hold is not None
     assert float(hold.group(1)) == pytest.approx(0.8)
     clock.now += 0.9
     assert (await _get(gw))[0] == 200
     metrics = await gw.metrics_text()
-    assert 'cigw_rate_limited_total{scope="upstream"} 2.0' in metrics
+    assert 'cigw_rate_limited_total{route="/",scope="upstream"} 2.0' in metrics
 
 
 async def test_quota_403_with_retry_after_holds(
@@ -116,7 +118,9 @@ async def test_get_is_retried_on_503(gw: RunningGateway, upstream: Upstream) -> 
     status, _, _ = await _get(gw)
     assert status == 200
     assert len(upstream.seen) == 2
-    assert 'cigw_upstream_retries_total{reason="status_503"} 1.0' in await gw.metrics_text()
+    assert (
+        'cigw_upstream_retries_total{reason="status_503",route="/"} 1.0' in await gw.metrics_text()
+    )
 
 
 async def test_post_is_never_retried(gw: RunningGateway, upstream: Upstream) -> None:

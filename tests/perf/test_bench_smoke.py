@@ -44,3 +44,20 @@ def test_quick_bench_reports_every_figure(tools: str, tmp_path: Path) -> None:
     # The libraries alone are measured in a process of their own: less than the gateway.
     assert 0 < figures["libraries_rss"] < figures["gateway_rss_idle"]
     assert [stream["direction"] for stream in figures["streams"]] == ["upload", "download"]
+
+
+def test_quick_routes_bench_reports_its_figures(tmp_path: Path) -> None:
+    """--routes --quick measures routing and rewriting and writes its section and figures."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.perf.bench", "--routes", "--quick", "--out", tmp_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "| routing added, p50 (routed - single), ms |" in run.stdout
+    figures = json.loads((tmp_path / "routes.json").read_text())
+    assert figures["errors"] == 0
+    assert figures["rewrite_ms_median"] > 0

@@ -146,7 +146,7 @@ async def test_both_keys_rejected_returns_apim_401_without_looping(
     assert len(upstream.arrivals) == 4
     assert upstream.seen == []
     rejections = gw.gateway.metrics.registry.get_sample_value(
-        "cigw_upstream_auth_rejections_total", {"credential": "key"}
+        "cigw_upstream_auth_rejections_total", {"credential": "key", "route": "/"}
     )
     assert rejections is not None
     assert rejections >= 3
