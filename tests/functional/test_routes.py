@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from tests.conftest import (
     CANARY_PRIMARY,
     RunningGateway,
     StartGateway,
+    base_url,
     serving_upstream,
+    start_app,
 )
 from tests.servers.upstream import Upstream
 
@@ -252,3 +255,34 @@ async def test_metrics_carry_the_route_label(
     hold = re.search(r'^cigw_upstream_hold_seconds\{route="/dataverse/"\} (\S+)$', text, re.M)
     assert hold is not None
     assert 25 < float(hold.group(1)) <= 30
+
+
+async def test_each_route_trusts_its_own_upstream_ca(
+    start_gateway: StartGateway,
+    issuer: TokenIssuer,
+    server_ssl: ssl.SSLContext,
+    ca_file: Path,
+    tmp_path: Path,
+) -> None:
+    """upstream_ca_file applies to its route only: the route without it refuses the test CA."""
+    tls_upstream = Upstream(issuer, require_key=False)
+    runner = await start_app(tls_upstream.app(), server_ssl)
+    try:
+        origin = base_url(runner, "https")
+        routes = [
+            {
+                "prefix": "/trusted/",
+                "upstream_url": f"{origin}/v1",
+                "scope": CI_SCOPE,
+                "upstream_ca_file": str(ca_file),
+            },
+            {"prefix": "/untrusted/", "upstream_url": f"{origin}/v1", "scope": CI_SCOPE},
+        ]
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump({"routes": routes}))
+        gw = await start_gateway({**SINGLE_ROUTE, "CIGW_CONFIG": str(path)})
+        assert (await get(gw, "/trusted/echo/x"))[0] == 200
+        assert (await get(gw, "/untrusted/echo/x"))[0] == 502
+        assert [seen.raw_path for seen in tls_upstream.seen] == ["/v1/echo/x"]
+    finally:
+        await runner.cleanup()
