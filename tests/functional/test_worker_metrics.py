@@ -58,12 +58,15 @@ async def test_a_scrape_of_three_workers_reports_their_sum(
         assert await child.stop() == 0
     # Each worker holds its own token: more than one seen means more than one served.
     assert len({seen.header_values("Authorization")[0] for seen in upstream.seen}) >= 2
-    get = (("code", "200"), ("method", "GET"))
+    get = (("code", "200"), ("method", "GET"), ("route", "/"))
     for page in pages:
         samples = _samples(page)
         assert samples[("cigw_requests_total", get)] == sent
-        assert samples[("cigw_request_duration_seconds_count", (("method", "GET"),))] == sent
-        bucket = (("le", "+Inf"), ("method", "GET"))
+        assert (
+            samples[("cigw_request_duration_seconds_count", (("method", "GET"), ("route", "/")))]
+            == sent
+        )
+        bucket = (("le", "+Inf"), ("method", "GET"), ("route", "/"))
         assert samples[("cigw_request_duration_seconds_bucket", bucket)] == sent
         assert samples[("cigw_token_requests_total", (("outcome", "success"),))] == 3
         assert samples[("cigw_ready", ())] == 1  # a gauge: every worker ready, not 3
