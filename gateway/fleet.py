@@ -281,6 +281,7 @@ class Fleet:
         if URL(settings.redis_url.reveal()).scheme == "rediss":
             pool.connection_class = _TLSConnection
             pool.connection_kwargs["tls_context"] = _tls_context(settings)
+        self._pool = pool
         self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._lease = self._redis.register_script(_LEASE)
         self._hold = self._redis.register_script(_HOLD)
@@ -337,6 +338,7 @@ class Fleet:
             async with asyncio.timeout(max(self.settings.redis_timeout, 0.1)):
                 await self._redis.zrem(self.key("members"), self.member)
         await self._redis.aclose()
+        await self._pool.disconnect()  # a pool given to the client is not closed by it
 
     async def beat_once(self) -> None:
         """One heartbeat: count the members alive, learn any hold."""

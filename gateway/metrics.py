@@ -151,6 +151,7 @@ class FleetMetrics:
     """Fleet mode's metrics (gateway/fleet.py); registered only when Redis is configured."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.members = Gauge(
             "cigw_fleet_members",
             "Gateways (pods and worker processes) of this fleet seen alive in Redis.",

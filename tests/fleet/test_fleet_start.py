@@ -12,7 +12,7 @@ from tests.fleet.conftest import fleet_overrides
 from tests.fleet.test_fleet import metric
 from tests.poll import eventually
 from tests.process import run_cli, spawn_gateway
-from tests.servers.redis import RedisServer
+from tests.servers.redis import RedisServer, free_port
 
 
 async def test_a_refused_password_stops_the_start_with_exit_2(
@@ -107,3 +107,32 @@ async def test_the_password_file_is_read_again_on_reconnect(
     await eventually(leased_again, within=8.0, step=0.2)
     text = await gateway.metrics_text()
     assert metric(text, "cigw_fleet_redis_errors_total", kind="auth") == 0
+
+
+async def test_each_worker_is_a_member_of_the_fleet(
+    gateway_env: dict[str, str], redis_session: RedisServer, tmp_path: Path
+) -> None:
+    """CIGW_WORKERS=2 with Redis: two members, one budget; /metrics reports them once."""
+    env = {
+        **gateway_env,
+        **fleet_overrides(redis_session.url, CIGW_RATE_LIMIT_RPS="10", CIGW_RATE_LIMIT_BURST="5"),
+        "CIGW_WORKERS": "2",
+        "CIGW_LISTEN": f"127.0.0.1:{free_port()}",
+        "CIGW_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    child = await spawn_gateway(env, tmp_path / "gateway.log")
+    try:
+        await child.wait_ready()
+
+        async def two_members() -> bool:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(child.admin("/metrics")) as response,
+            ):
+                return metric(await response.text(), "cigw_fleet_members") == 2
+
+        await eventually(two_members, within=8.0, step=0.2)
+        members = redis_session.command("ZCARD", f"cigw:{{{env['CIGW_FLEET_NAME']}}}:members")
+        assert members == "2"
+    finally:
+        assert await child.stop() == 0
