@@ -21,10 +21,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +36,10 @@ import yaml
 from aiohttp import web
 from yarl import URL
 
+from gateway.config import Route
 from gateway.links import LinkRewriter
+from gateway.ratelimit import ExchangeSlots, RetryBudget, UpstreamHold
+from gateway.routing import Router, RouteState
 from tests.perf import bench
 from tests.perf.bench import Certificates, Options, Service, Target, Tools
 
@@ -61,7 +66,9 @@ class RoutesReport:
     rewritten: Target
     rewrite_ms: list[float]
     page_bytes: int
+    lookup_us: tuple[float, float] = (0.0, 0.0)  # (four routes, implicit route)
     wall_s: float = 0.0
+    load: float = 0.0  # the 1-minute load average when the run ended
 
     @property
     def routing_added_ms(self) -> float:
@@ -93,6 +100,32 @@ def page(origin: str) -> bytes:
         "@odata.nextLink": f"{base}/accounts?$skiptoken=%3Ccookie%20pagenumber=%222%22/%3E",
     }
     return json.dumps(document).encode()
+
+
+def lookup_cost() -> tuple[float, float]:
+    """Microseconds per route lookup: (four routes via /ci/, the implicit "/" route)."""
+
+    def router(*prefixes: str) -> Router:
+        return Router(
+            [
+                RouteState(
+                    Route(prefix, URL("http://127.0.0.1:1/v1"), bench.SCOPE),
+                    tokens=None,  # type: ignore[arg-type]  # a lookup never touches them
+                    keys=None,  # type: ignore[arg-type]
+                    hold=UpstreamHold(),
+                    budget=RetryBudget(),
+                    slots=ExchangeSlots(1),
+                )
+                for prefix in prefixes
+            ]
+        )
+
+    four = router("/dataverse/", "/ci/", "/ci/special/", "/")
+    one = router("/")
+    number = 200_000
+    routed = min(timeit.repeat(lambda: four.match("/ci/ping"), number=number, repeat=5))
+    single = min(timeit.repeat(lambda: one.match("/ping"), number=number, repeat=5))
+    return routed / number * 1e6, single / number * 1e6
 
 
 def rewrite_cost(repetitions: int) -> tuple[list[float], int]:
@@ -181,6 +214,8 @@ async def run(opts: Options, say: Callable[[str], None]) -> RoutesReport:
     began = time.perf_counter()
     repetitions = 20 if opts.rounds <= 1 else 200
     rewrite_ms, page_bytes = rewrite_cost(repetitions)
+    lookup = lookup_cost()
+    say(f"route lookup: {lookup[0]:.3f} µs with four routes, {lookup[1]:.3f} µs with one")
     say(f"rewriter: median {statistics.median(rewrite_ms):.3f} ms per {page_bytes:,}-byte page")
     async with contextlib.AsyncExitStack() as stack:
         issuer = await bench.spawn_python_server(
@@ -243,6 +278,7 @@ async def run(opts: Options, say: Callable[[str], None]) -> RoutesReport:
             Target("rewritten", f"http://127.0.0.1:{rewriting.port}/dv/accounts", rewriting.pid),
             rewrite_ms,
             page_bytes,
+            lookup,
         )
         warm = dataclasses.replace(opts, duration=opts.warmup)
         for target in (report.single, report.routed):
@@ -264,6 +300,7 @@ async def run(opts: Options, say: Callable[[str], None]) -> RoutesReport:
                 f"rewriting 1 MiB adds {report.rewriting_added_ms:+.3f} ms p50 (so far)"
             )
     report.wall_s = time.perf_counter() - began
+    report.load = os.getloadavg()[0]
     return report
 
 
@@ -294,8 +331,9 @@ def markdown(report: RoutesReport) -> str:
                 f"Run {report.started_at}: {opts.rounds} alternating round(s) of "
                 f"{opts.duration:g} s per target; {opts.rate:g} req/s for the routing pair, "
                 f"{min(opts.rate, 50.0):g} req/s for the 1 MiB pair; {report.wall_s:.0f} s in all. "
-                "The machine's 2 CPUs were shared with other work (noisy): differences of a few "
-                "hundredths of a millisecond are within the noise of one run."
+                "The machine's 2 CPUs were shared with other work (noisy; load average "
+                f"{report.load:.1f} at the end): differences of a few hundredths of a "
+                "millisecond are within the noise of one run."
             ),
             "",
             "| target | p50 ms | p90 ms | p99 ms | lowest achieved req/s | failed |",
@@ -308,7 +346,10 @@ def markdown(report: RoutesReport) -> str:
             (
                 "single: routes from the environment (the implicit `/` route); routed: four YAML "
                 "routes, asked through `/ci/`; plain and rewritten: a 1 MiB JSON page through a "
-                "route without and with `rewrite_links`."
+                "route without and with `rewrite_links`. The end-to-end routing figure compares "
+                "two processes: when the machine is loaded their p50s drift apart by more than "
+                "a route lookup costs, so the lookup row measures that work directly "
+                "(timeit, best of 5 x 200,000 lookups)."
             ),
             "",
             "| figure | measured | target | |",
@@ -318,8 +359,14 @@ def markdown(report: RoutesReport) -> str:
                 f"{TARGET_ROUTING_P50_MS} | {verdict(routing <= TARGET_ROUTING_P50_MS)} |"
             ),
             (
+                "| route lookup, four routes (implicit route), µs per request | "
+                f"{report.lookup_us[0]:.3f} ({report.lookup_us[1]:.3f}) | <= 50 | "
+                f"{verdict(report.lookup_us[0] <= TARGET_ROUTING_P50_MS * 1000)} |"
+            ),
+            (
                 f"| rewriter on a {report.page_bytes / 1024 / 1024:.2f} MiB page in 64 KiB reads, "
-                f"median of {len(report.rewrite_ms)}, ms | {rewrite:.3f} | < {TARGET_REWRITE_MS} | "
+                f"median (fastest) of {len(report.rewrite_ms)}, ms | {rewrite:.3f} "
+                f"({min(report.rewrite_ms):.3f}) | < {TARGET_REWRITE_MS} | "
                 f"{verdict(rewrite < TARGET_REWRITE_MS)} |"
             ),
             (
@@ -348,10 +395,12 @@ def write(report: RoutesReport, opts: Options) -> str:
         results = bench.HERE / "RESULTS.md"
         current = results.read_text()
         marker = "## Routes and link rewriting"
-        kept = (
-            current.split(marker, 1)[0].rstrip() + "\n\n" if marker in current else current + "\n"
-        )
-        results.write_text(kept + text)
+        if marker in current:  # replace this section only, keep any that follow it
+            before, _, rest = current.partition(marker)
+            after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
+            results.write_text(before + text.rstrip() + "\n" + after)
+        else:
+            results.write_text(current.rstrip() + "\n\n" + text)
     return text
 
 
