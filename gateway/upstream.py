@@ -102,7 +102,10 @@ class UpstreamClient:
         self._proxy = proxy
         self._target_prefix = ""
         self._proxy_lines = 0  # CRLFs the proxy's own header adds to every request head
-        if proxy is not None and self._tls is None:
+        if proxy is not None and origin.scheme == "https" and tls is None:
+            # Absolute form would name the https origin to the proxy as plain http.
+            raise ValueError("an https origin through a proxy needs a TLS context")
+        if proxy is not None and origin.scheme == "http":
             self._target_prefix = f"http://{origin.raw_authority}"
             credentials = proxy.authorization()
             if credentials:

@@ -9,7 +9,8 @@ from yarl import URL
 
 from gateway import config
 from gateway.egress import Egress, NoProxy, ProxyURLError, parse_proxy_url
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, MalformedRequest
+from gateway.upstream import UpstreamClient
 
 BASE = {"AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s" * 12}
 PROXY_SECRET = "proxy-pass-canary-7Yw"
@@ -196,3 +197,29 @@ def test_describe_states_each_decision_and_redacts_credentials() -> None:
     assert PROXY_SECRET not in everything
     assert "user" not in everything
     assert settings.egress.secrets() == ("user", PROXY_SECRET)
+
+
+def test_absolute_form_heads_carry_the_proxy_credentials_and_stay_checked() -> None:
+    """Through a proxy, an http request names the whole URL and authenticates to the proxy;
+    the head check still refuses a smuggled line end."""
+    proxy = parse_proxy_url(f"http://user:{PROXY_SECRET}@proxy.corp:3128")
+    client = UpstreamClient(
+        URL("http://api.example:8080"),
+        tls=None,
+        connect_timeout=1,
+        read_timeout=1,
+        proxy=proxy,
+    )
+    head = client._head("GET", "/v1/x?a=1", [("Accept", "*/*")], None, None)
+    assert head == (
+        b"GET http://api.example:8080/v1/x?a=1 HTTP/1.1\r\nHost: api.example:8080\r\n"
+        + f"Proxy-Authorization: {proxy.authorization()}\r\n".encode()
+        + b"Accept: */*\r\n\r\n"
+    )
+    with pytest.raises(MalformedRequest):
+        client._head("GET", "/v1/x", [("Accept", "a\r\nX-Smuggled: 1")], None, None)
+    # An https origin is only ever tunnelled: never written in absolute form as http.
+    with pytest.raises(ValueError, match="needs a TLS context"):
+        UpstreamClient(
+            URL("https://api.example"), tls=None, connect_timeout=1, read_timeout=1, proxy=proxy
+        )
