@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--config", type=Path, help="YAML file (default: $CIGW_CONFIG)")
     sandbox = commands.add_parser(
         "sandbox",
-        help="run a local token issuer, a Customer Insights stand-in and the gateway",
+        help="run a local token issuer, Customer Insights and Dataverse stand-ins and the gateway",
         description="Run the whole flow on this machine: a TLS token issuer, an APIM-guarded "
         "Customer Insights stand-in, and the gateway wired to both.",
     )
@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--admin-port", type=int, default=9090, help="gateway admin port")
     sandbox.add_argument(
         "--token-lifetime", type=float, default=3600.0, help="seconds each issued token lives"
+    )
+    sandbox.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the gateway's proxy listener over HTTPS with the sandbox CA",
     )
     sandbox.add_argument(
         "--rotate-keys",

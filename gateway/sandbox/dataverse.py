@@ -42,7 +42,8 @@ JSON_TYPE: Final = "application/json; odata.metadata=minimal"
 MAX_PAGE_SIZE: Final = 5000  # Dataverse's default and largest page
 # Headers a caller could use to act as someone else or to skip business logic.
 IMPERSONATION_HEADERS: Final = ("CallerObjectId", "MSCRMCallerID")
-BYPASS_PREFIX: Final = "MSCRM.Bypass"
+BYPASS_PREFIX: Final = "MSCRM.Bypass"  # the stand-in refuses any header starting so
+BYPASS_HEADERS: Final = ("MSCRM.BypassCustomPluginExecution", "MSCRM.BypassBusinessLogicExecution")
 
 EdmType = Literal[
     "Edm.String", "Edm.Int32", "Edm.Decimal", "Edm.Boolean", "Edm.Guid", "Edm.DateTimeOffset"
@@ -230,6 +231,7 @@ class SeenRequest:
     authorized: bool  # carried a valid token for this organization
     request_id: str | None  # X-Request-ID: the gateway adds one to everything it forwards
     status: int
+    header_names: frozenset[str]  # lower case, e.g. to show no subscription key arrived
 
 
 @dataclass
@@ -301,6 +303,7 @@ class DataverseOrganization:
                 authorized,
                 request.headers.get("X-Request-ID"),
                 response.status,
+                frozenset(name.lower() for name in request.headers),
             )
         )
         return response

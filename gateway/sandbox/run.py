@@ -1,9 +1,14 @@
-"""`ci-gateway sandbox`: a token issuer, a Customer Insights stand-in and the gateway, together.
+"""`ci-gateway sandbox`: a token issuer, two API stand-ins and the gateway, together.
 
-Only the two far ends are stand-ins. MSAL fetches the gateway's tokens over HTTPS from a
-local issuer whose throwaway CA the gateway pins (CIGW_AUTHORITY_CA_FILE); the stand-in
-checks the subscription key and the bearer token as APIM does; the gateway is built from
-a settings mapping by `config.load`, as any deployment is. Everything listens on loopback.
+Only the far ends are stand-ins. MSAL fetches the gateway's tokens over HTTPS from a
+local issuer whose throwaway CA the gateway pins (CIGW_AUTHORITY_CA_FILE). The gateway
+fronts two routes, as a team migrating from Customer Insights to Dataverse runs it:
+`/dataverse/` goes to a Dataverse Web API stand-in at an HTTPS organization URL (scope
+`{org}/.default`, no subscription key, links in answers rewritten back through the
+gateway), and `/` to the Customer Insights stand-in, which checks the subscription key
+and the bearer token as APIM does. The gateway is built by `config.load` from a settings
+mapping and a routes file, as any deployment is; with `--tls` its proxy listener serves
+HTTPS with the sandbox CA. Everything listens on loopback.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import uuid
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -35,10 +42,18 @@ from gateway.config import load
 from gateway.errors import ConfigError
 from gateway.sandbox.apim import KEY_HEADER, SubscriptionKeyPair, apim_guard
 from gateway.sandbox.customer_insights import create_customer_insights_app
+from gateway.sandbox.dataverse import (
+    API_PATH,
+    IMPERSONATION_HEADERS,
+    DataverseOrganization,
+)
 from gateway.sandbox.issuer import ClientRegistration, TokenIssuer
 from gateway.sandbox.tls import ServerTLS, create_server_tls, write_private
 
 LOOPBACK = "127.0.0.1"
+DATAVERSE_PREFIX = "/dataverse/"
+# The Customer Insights API's resource, as CIGW_SCOPE defaults to.
+CI_SCOPE = "https://api.ci.ai.microsoft.com/.default"
 START_TIMEOUT = 20.0
 POLL = 0.05  # how often start-up and the drill look at what they wait for
 STEADY_REQUESTS = 5  # requests the drill sends before it rotates and after it is done
@@ -57,6 +72,7 @@ class SandboxFiles:
     client_secret: Path
     primary_key: Path
     secondary_key: Path
+    routes: Path  # the gateway's configuration file: its two routes
 
 
 @dataclass(slots=True)
@@ -93,14 +109,16 @@ class Traffic:
 
 @dataclass
 class Sandbox:
-    """The issuer, the stand-in and the gateway, running; `start()` builds one."""
+    """The issuer, the stand-ins and the gateway, running; `start()` builds one."""
 
     issuer: TokenIssuer
     keys: SubscriptionKeyPair
     tally: KeyTally
-    stand_in_url: str  # the gateway's upstream base URL, http://127.0.0.1:<port>/v1
+    stand_in_url: str  # the CI route's upstream base URL, http://127.0.0.1:<port>/v1
+    dataverse: DataverseOrganization  # its `url` is the Dataverse route's upstream
     gateway: Gateway
     files: SandboxFiles
+    tls: bool  # the proxy listener serves HTTPS with the sandbox CA
     _stack: AsyncExitStack
     _client: aiohttp.ClientSession
     _rotating: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -108,7 +126,13 @@ class Sandbox:
     @property
     def gateway_url(self) -> str:
         """The proxy listener: callers send requests here without any credentials."""
-        return f"http://{LOOPBACK}:{self.gateway.proxy_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{LOOPBACK}:{self.gateway.proxy_port}"
+
+    @property
+    def dataverse_url(self) -> str:
+        """The Dataverse route as an organization URL, for the SDK: {gateway}/dataverse."""
+        return self.gateway_url + DATAVERSE_PREFIX.rstrip("/")
 
     @property
     def admin_url(self) -> str:
@@ -128,26 +152,31 @@ class Sandbox:
         admin_port: int = 0,
         token_lifetime: float = 3600.0,
         key_reload_interval: float = 1.0,
+        tls: bool = False,
     ) -> Sandbox:
-        """Start issuer, stand-in and gateway; returns once the gateway holds a token."""
+        """Start issuer, stand-ins and gateway; returns once the gateway holds its tokens."""
         stack = AsyncExitStack()
         try:
             # Every resource registers its own cleanup as it is made; stop() unwinds them
             # in reverse, so the gateway stops first, then the servers, then the files.
-            client = await stack.enter_async_context(
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-            )
             registration = ClientRegistration(
                 tenant_id=str(uuid.uuid4()),
                 client_id=str(uuid.uuid4()),
                 client_secret=secrets.token_urlsafe(32),
             )
             keys = SubscriptionKeyPair()
-            files, tls = await asyncio.to_thread(_prepare_files, registration, keys)
+            files, server_tls = await asyncio.to_thread(_prepare_files, registration, keys, tls)
             stack.push_async_callback(asyncio.to_thread, shutil.rmtree, files.directory, True)
+            trust = await asyncio.to_thread(ssl.create_default_context, cafile=str(files.ca))
+            client = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=30),
+                    connector=aiohttp.TCPConnector(ssl=trust),
+                )
+            )
 
             issuer = await asyncio.to_thread(TokenIssuer, registration, lifetime=token_lifetime)
-            issuer.base_url = f"https://{LOOPBACK}:{await _listen(stack, issuer.app(), tls)}"
+            issuer.base_url = f"https://{LOOPBACK}:{await _listen(stack, issuer.app(), server_tls)}"
 
             tally = KeyTally(keys)
             stand_in = create_customer_insights_app()
@@ -156,20 +185,31 @@ class Sandbox:
             stand_in.middlewares.insert(0, tally.middleware())
             stand_in_url = f"http://{LOOPBACK}:{await _listen(stack, stand_in)}/v1"
 
+            dataverse = DataverseOrganization(
+                issuer.verify_audience, application_id=registration.client_id
+            )
+            dataverse_port = await _listen(stack, dataverse.app(), server_tls)
+            dataverse.url = f"https://{LOOPBACK}:{dataverse_port}"
+
             env = {
-                **_gateway_environment(registration, files, issuer.base_url, stand_in_url),
+                **_gateway_environment(registration, files, issuer.base_url),
                 "CIGW_LISTEN": f"{LOOPBACK}:{port}",
                 "CIGW_ADMIN_LISTEN": f"{LOOPBACK}:{admin_port}",  # loopback: this is a demo
                 "CIGW_KEY_RELOAD_INTERVAL": str(key_reload_interval),
             }
+            if server_tls.cert_file and server_tls.key_file:
+                env["CIGW_TLS_CERT_FILE"] = str(server_tls.cert_file)
+                env["CIGW_TLS_KEY_FILE"] = str(server_tls.key_file)
+            routes = _routes(files, stand_in_url, dataverse.url)
+            await asyncio.to_thread(write_private, files.routes, routes.encode())
             # Both read files (and the system trust store): off the event loop.
-            settings = await asyncio.to_thread(load, env)
+            settings = await asyncio.to_thread(load, env, files.routes)
             gateway = await asyncio.to_thread(create_app, settings)
             await _serve_gateway(stack, gateway)
         except BaseException:
             await stack.aclose()
             raise
-        return cls(issuer, keys, tally, stand_in_url, gateway, files, stack, client)
+        return cls(issuer, keys, tally, stand_in_url, dataverse, gateway, files, tls, stack, client)
 
     async def stop(self) -> None:
         """Stop the gateway, then the stand-in and the issuer; delete the private files."""
@@ -247,7 +287,7 @@ class Sandbox:
 
 
 def _prepare_files(
-    registration: ClientRegistration, keys: SubscriptionKeyPair
+    registration: ClientRegistration, keys: SubscriptionKeyPair, tls_listener: bool
 ) -> tuple[SandboxFiles, ServerTLS]:
     """Blocking: the private directory, the TLS material and the gateway's secret files."""
     directory = Path(tempfile.mkdtemp(prefix="ci-gateway-sandbox-"))  # mode 0700
@@ -257,9 +297,12 @@ def _prepare_files(
         client_secret=directory / "client-secret",
         primary_key=directory / "primary.key",
         secondary_key=directory / "secondary.key",
+        routes=directory / "gateway.yaml",
     )
     try:
-        tls = create_server_tls(directory)
+        # One CA and one loopback certificate serve the issuer, the Dataverse stand-in and,
+        # with --tls, the gateway's proxy listener.
+        tls = create_server_tls(directory, keep_pair=tls_listener)
         assert registration.client_secret is not None  # noqa: S101 - set just above by start()
         for path, value in (
             (files.client_secret, registration.client_secret),
@@ -274,10 +317,7 @@ def _prepare_files(
 
 
 def _gateway_environment(
-    registration: ClientRegistration,
-    files: SandboxFiles,
-    issuer_url: str,
-    stand_in_url: str,
+    registration: ClientRegistration, files: SandboxFiles, issuer_url: str
 ) -> dict[str, str]:
     """The gateway's settings, as a deployment would set them; never os.environ."""
     return {
@@ -288,11 +328,34 @@ def _gateway_environment(
         "CIGW_AUTHORITY_CA_FILE": str(files.ca),
         # Instance discovery would ask login.microsoftonline.com about this authority.
         "CIGW_INSTANCE_DISCOVERY": "false",
-        "CIGW_UPSTREAM_URL": stand_in_url,
-        "CIGW_SUBSCRIPTION_KEY_FILE": str(files.primary_key),
-        "CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE": str(files.secondary_key),
         "CIGW_SHUTDOWN_GRACE": "2",
     }
+
+
+def _routes(files: SandboxFiles, stand_in_url: str, organization_url: str) -> str:
+    """The gateway's configuration file: the Dataverse route and the CI API as the catch-all,
+    so every path the CI API had before (`/instances`, …) keeps working unprefixed."""
+    document = {
+        "routes": [
+            {
+                "prefix": DATAVERSE_PREFIX,
+                "upstream_url": organization_url,
+                "scope": f"{organization_url}/.default",
+                "upstream_ca_file": str(files.ca),
+                "rewrite_links": True,
+                # A caller must never act as another user.
+                "strip_headers": list(IMPERSONATION_HEADERS),
+            },
+            {
+                "prefix": "/",
+                "upstream_url": stand_in_url,
+                "scope": CI_SCOPE,
+                "subscription_key_file": str(files.primary_key),
+                "subscription_key_secondary_file": str(files.secondary_key),
+            },
+        ]
+    }
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 async def _listen(stack: AsyncExitStack, app: web.Application, tls: ServerTLS | None = None) -> int:
@@ -366,7 +429,10 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
 
 async def _run(args: argparse.Namespace) -> int:
     sandbox = await Sandbox.start(
-        port=args.port, admin_port=args.admin_port, token_lifetime=args.token_lifetime
+        port=args.port,
+        admin_port=args.admin_port,
+        token_lifetime=args.token_lifetime,
+        tls=args.tls,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -392,6 +458,10 @@ async def _run(args: argparse.Namespace) -> int:
         status, instances = await sandbox.get("/instances")
         if status != 200:
             raise SandboxError(f"GET /instances through the gateway answered {status}: {instances}")
+        who_am_i = f"{DATAVERSE_PREFIX}{API_PATH.lstrip('/')}/WhoAmI"
+        status, user = await sandbox.get(who_am_i)
+        if status != 200:
+            raise SandboxError(f"GET {who_am_i} through the gateway answered {status}: {user}")
         _say(_banner(sandbox, instances, args.token_lifetime))
         if args.rotate_keys:
             drill()
@@ -407,9 +477,26 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _banner(sandbox: Sandbox, instances: list[dict[str, Any]], token_lifetime: float) -> str:
-    files, port = sandbox.files, sandbox.gateway.proxy_port
+    files, org = sandbox.files, sandbox.dataverse.url
     data = f"instances/{instances[0]['instanceId']}/data/Customer"
     query = "$filter=Country%20eq%20%27Germany%27&$select=FullName,City&$top=3"
+    # Over TLS curl needs the sandbox CA; "localhost" is in the certificate too.
+    curl = f"curl -s --cacert {files.ca}" if sandbox.tls else "curl -s"
+    gateway = sandbox.gateway_url.replace(LOOPBACK, "localhost")
+    gateway = gateway if sandbox.tls else gateway.removeprefix("http://")
+    api = f"{gateway}{DATAVERSE_PREFIX}{API_PATH.lstrip('/')}"
+    listener = "HTTPS with the sandbox CA" if sandbox.tls else "plain HTTP (--tls: HTTPS)"
+    pair = ""
+    trust = ""
+    if sandbox.tls:
+        pair = f"\n      {'server.crt, server.key':<30} the proxy listener's certificate and key"
+        trust = f"""
+Trust the gateway's certificate, signed by the sandbox CA {files.ca}:
+  curl: --cacert {files.ca}
+  Python requests and Microsoft's Dataverse SDK: export REQUESTS_CA_BUNDLE={files.ca}
+      then DataverseClient("{sandbox.dataverse_url}", credential): any token will do,
+      the gateway replaces it
+"""
     return f"""
 ci-gateway sandbox: everything runs in this process, on loopback only
 
@@ -417,19 +504,29 @@ ci-gateway sandbox: everything runs in this process, on loopback only
       HTTPS with a CA made at start; the gateway's MSAL client trusts that CA only
   Customer Insights API, for APIM   {sandbox.stand_in_url}
       refuses requests without a subscription key and an unexpired bearer token
+  Dataverse organization            {org}
+      Web API at {API_PATH}/, HTTPS with the sandbox CA; wants a token for {org}
   gateway                           {sandbox.gateway_url}
+      {listener}; two routes:
+      {DATAVERSE_PREFIX:<12} -> Dataverse: scope {org}/.default, no subscription key,
+                      links in answers rewritten to lead back through the gateway
+      {"/":<12} -> Customer Insights: its scope and subscription key
   gateway admin                     {sandbox.admin_url}/readyz  /metrics
 
   private files (0600; the directory is deleted on exit): {files.directory}/
       {files.client_secret.name:<30} the app registration's generated client secret
       {files.primary_key.name + ", " + files.secondary_key.name:<30} the subscription keys
       {files.ca.name:<30} the throwaway CA certificate
+      {files.routes.name:<30} the gateway's two routes (its configuration file){pair}
   tokens live {token_lifetime:g} s; the gateway renews each one at half its lifetime
-  self-check: GET /instances through the gateway answered 200 with {len(instances)} instances
-
-Try it (send no credentials: the gateway adds the token and the key):
-  curl -s localhost:{port}/instances
-  curl -s 'localhost:{port}/{data}?{query}'
+  self-check through the gateway: GET /instances answered 200 with {len(instances)} instances,
+      GET {DATAVERSE_PREFIX}{API_PATH.lstrip("/")}/WhoAmI answered 200
+{trust}
+Try it (send no credentials: the gateway adds the token and, for the CI API, the key):
+  {curl} {gateway}/instances
+  {curl} '{gateway}/{data}?{query}'
+  {curl} {api}/WhoAmI
+  {curl} -H 'Prefer: odata.maxpagesize=2' '{api}/accounts?$select=name'
   curl -s {sandbox.stand_in_url}/instances    # the API without the gateway: 401
 
 Rotate the subscription keys under traffic: kill -USR1 {os.getpid()}    Stop: Ctrl-C

@@ -30,10 +30,15 @@ class ServerTLS:
 
     ca_file: Path
     context: ssl.SSLContext
+    # The server certificate and its key as files (0600), when asked for: the gateway's
+    # proxy listener reads them (CIGW_TLS_CERT_FILE, CIGW_TLS_KEY_FILE).
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
-def create_server_tls(directory: Path) -> ServerTLS:
-    """Write `ca.pem` into `directory` and return a server context for 127.0.0.1/localhost."""
+def create_server_tls(directory: Path, *, keep_pair: bool = False) -> ServerTLS:
+    """Write `ca.pem` into `directory` and return a server context for 127.0.0.1/localhost;
+    with `keep_pair`, also `server.crt` and `server.key` for another server to load."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(
@@ -88,7 +93,19 @@ def create_server_tls(directory: Path) -> ServerTLS:
         context.load_cert_chain(chain_file)
     finally:
         chain_file.unlink()
-    return ServerTLS(ca_file, context)
+    if not keep_pair:
+        return ServerTLS(ca_file, context)
+    cert_file, key_file = directory / "server.crt", directory / "server.key"
+    write_private(cert_file, server_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(
+        key_file,
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    return ServerTLS(ca_file, context, cert_file, key_file)
 
 
 def write_private(path: Path, data: bytes) -> None:
