@@ -136,6 +136,38 @@ async def test_impersonation_headers_never_reach_dataverse(sandbox: Sandbox) -> 
     assert not {"callerobjectid", "mscrmcallerid"} & seen.header_names
 
 
+async def test_batch_with_relative_urls_through_the_gateway(sandbox: Sandbox) -> None:
+    """A $batch change set with service-root-relative part URLs runs through the gateway, and
+    each part's OData-EntityId in the answer names the gateway's Dataverse route."""
+    part = (
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+        "Content-ID: {id}\r\n\r\nPOST accounts HTTP/1.1\r\n"
+        "Content-Type: application/json\r\n\r\n{body}\r\n"
+    )
+    change_set = "".join(
+        f"--cs\r\n{part.format(id=n, body=json.dumps({'name': f'Batch {n}'}))}" for n in (1, 2)
+    )
+    body = (
+        "--b\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n"
+        f"{change_set}--cs--\r\n\r\n--b--\r\n"
+    )
+    headers = {"Content-Type": "multipart/mixed; boundary=b"}
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
+            f"{sandbox.gateway_url}{DATAVERSE}/$batch", data=body, headers=headers
+        ) as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    entity_ids = re.findall(r"^OData-EntityId: (\S+)\r?$", text, re.MULTILINE)
+    assert len(entity_ids) == 2
+    assert all(e.startswith(f"{sandbox.gateway_url}{DATAVERSE}/accounts(") for e in entity_ids)
+    assert sandbox.dataverse.url not in text
+    names = {row["name"] for row in sandbox.dataverse.rows["accounts"].values()}
+    assert {"Batch 1", "Batch 2"} <= names
+
+
 # --------------------------------------------------------------------------- the SDK over TLS
 
 
