@@ -118,14 +118,24 @@ def climbs_above_root(path: str) -> bool:
     """True when resolving dot-segments, as any upstream might decode them, leaves the root."""
     if "." not in path and "%" not in path:
         return False  # the common case: no dot-segment can hide in it
-    decoded = path
-    for _ in range(3):  # double-encoded dots (%252e) count too: some servers decode twice
-        once = unquote(decoded)
-        if once == decoded:
-            break
-        decoded = once
+    # Each reading an upstream might act on: as sent, then decoded up to three times
+    # (double-encoded dots, %252e, count too: some servers decode twice). A servlet
+    # container drops ";params" up to the next "/" before decoding ("/;%2fx/.." climbs
+    # there) and does not split at "\\", which IIS does: check with and without that.
+    reading = path
+    for _ in range(4):
+        if _climbs(reading) or ("\\" in reading and _climbs(reading.replace("\\", "/"))):
+            return True
+        decoded = unquote(reading)
+        if decoded == reading:
+            return False
+        reading = decoded
+    return False
+
+
+def _climbs(path: str) -> bool:
     depth = 0
-    for segment in decoded.replace("\\", "/").split("/"):
+    for segment in path.split("/"):
         name = segment.split(";", 1)[0]  # "..;" is a dot-segment to servlet containers
         if name == "..":
             depth -= 1
