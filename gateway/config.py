@@ -424,8 +424,11 @@ def _choice(*choices: str) -> Parser[str]:
 def _header_name(raw: str) -> str:
     value = raw.strip()
     # No underscores: the proxy refuses header names with them (a smuggling vector).
-    if not value or not value.isascii() or not all(c.isalnum() or c == "-" for c in value):
-        raise _InvalidError("must be an HTTP header name of letters, digits and '-', e.g. X-Caller")
+    # Dots are allowed: Dataverse's own headers have them (MSCRM.BypassCustomPluginExecution).
+    if not value or not value.isascii() or not all(c.isalnum() or c in "-." for c in value):
+        raise _InvalidError(
+            "must be an HTTP header name of letters, digits, '-' and '.', e.g. X-Caller"
+        )
     return value
 
 

@@ -44,6 +44,7 @@ from gateway.sandbox.apim import KEY_HEADER, SubscriptionKeyPair, apim_guard
 from gateway.sandbox.customer_insights import create_customer_insights_app
 from gateway.sandbox.dataverse import (
     API_PATH,
+    BYPASS_HEADERS,
     IMPERSONATION_HEADERS,
     DataverseOrganization,
 )
@@ -343,8 +344,8 @@ def _routes(files: SandboxFiles, stand_in_url: str, organization_url: str) -> st
                 "scope": f"{organization_url}/.default",
                 "upstream_ca_file": str(files.ca),
                 "rewrite_links": True,
-                # A caller must never act as another user.
-                "strip_headers": list(IMPERSONATION_HEADERS),
+                # A caller must never act as another user or skip business logic.
+                "strip_headers": [*IMPERSONATION_HEADERS, *BYPASS_HEADERS],
             },
             {
                 "prefix": "/",

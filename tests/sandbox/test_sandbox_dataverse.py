@@ -124,16 +124,21 @@ async def test_paging_links_lead_back_through_the_gateway(sandbox: Sandbox) -> N
 
 
 async def test_impersonation_headers_never_reach_dataverse(sandbox: Sandbox) -> None:
-    """The Dataverse route strips CallerObjectId and MSCRMCallerID: the stand-in, which refuses
-    them, answers 200 and never sees them."""
-    headers = {"CallerObjectId": "00000000-0000-4000-8000-000000000001", "MSCRMCallerID": "x"}
+    """The Dataverse route strips the impersonation and business-logic bypass headers: the
+    stand-in, which refuses them, answers 200 and never sees them."""
+    headers = {
+        "CallerObjectId": "00000000-0000-4000-8000-000000000001",
+        "MSCRMCallerID": "x",
+        "MSCRM.BypassCustomPluginExecution": "true",
+        "MSCRM.BypassBusinessLogicExecution": "CustomSync,CustomAsync",
+    }
     async with (
         aiohttp.ClientSession() as client,
         client.get(f"{sandbox.gateway_url}{DATAVERSE}/WhoAmI", headers=headers) as response,
     ):
         assert response.status == 200, await response.text()
     (seen,) = sandbox.dataverse.seen
-    assert not {"callerobjectid", "mscrmcallerid"} & seen.header_names
+    assert not {name.lower() for name in headers} & seen.header_names
 
 
 async def test_batch_with_relative_urls_through_the_gateway(sandbox: Sandbox) -> None:

@@ -76,6 +76,13 @@ def test_routes_are_read_with_their_own_settings(tmp_path: Path) -> None:
     assert (ci.rewrite_links, dataverse.rewrite_links) == (False, True)
 
 
+def test_dataverse_headers_with_dots_can_be_stripped(tmp_path: Path) -> None:
+    """strip_headers takes Dataverse's dotted header names, e.g. its business-logic bypass."""
+    names = ["MSCRM.BypassCustomPluginExecution", "MSCRM.BypassBusinessLogicExecution"]
+    (route,) = load(tmp_path, [{**DATAVERSE, "prefix": "/", "strip_headers": names}]).routes
+    assert route.strip_headers == frozenset(name.lower() for name in names)
+
+
 @pytest.mark.parametrize(
     ("route", "expected"),
     [
