@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -292,3 +293,45 @@ async def test_a_fleet_gateway_exports_the_charts_fleet_metrics(
         exported.add(f"{family.name}_total" if family.type == "counter" else family.name)
     assert FLEET_METRICS
     assert exported >= FLEET_METRICS
+
+
+async def test_a_stalled_redis_never_holds_a_request(
+    start_gateway: StartGateway, own_redis: RedisServer, upstream: Upstream
+) -> None:
+    """Redis frozen (SIGSTOP): requests keep their pace, then fallback; SIGCONT: fleet again."""
+    env = fleet_overrides(
+        own_redis.url,
+        CIGW_REDIS_TIMEOUT="0.1",
+        CIGW_RATE_LIMIT_RPS="50",
+        CIGW_RATE_LIMIT_BURST="10",
+    )
+    gateway = await start_gateway(env)
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        slowest, statuses = 0.0, Counter[int]()
+        stalled = time.monotonic()
+        while time.monotonic() - stalled < 3.0:
+            started = time.monotonic()
+            async with gateway.session.get(gateway.url("/v1/x")) as response:
+                await response.read()
+                statuses[response.status] += 1
+            slowest = max(slowest, time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        # Generous for a loaded machine, yet far below what waiting on a frozen Redis
+        # would take (the whole 3 s): the request path never calls Redis.
+        assert slowest < 0.5, slowest
+        assert set(statuses) <= {200, 429}, statuses
+        assert statuses[200] >= 10
+        assert await gauge(gateway, "cigw_fleet_fallback_active") == 1
+        assert (
+            metric(await gateway.metrics_text(), "cigw_fleet_redis_errors_total", kind="timeout")
+            >= 1
+        )
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+
+    async def back() -> bool:
+        return await gauge(gateway, "cigw_fleet_fallback_active") == 0
+
+    await eventually(back, within=6.0, step=0.1)
