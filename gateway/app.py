@@ -18,13 +18,16 @@ from prometheus_client import CollectorRegistry
 
 from gateway import admin, listener
 from gateway import logging as gateway_logging
+from gateway.callers import Allowlist, CallerAuthenticator
 from gateway.config import Route, Settings
 from gateway.fleet import Fleet
 from gateway.group_metrics import WorkerGroup, serve_own
-from gateway.handler import proxy_handler
+from gateway.handler import CallerChecks, proxy_handler
+from gateway.jwks import IssuerKeys
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import FleetMetrics, Metrics
+from gateway.privileged import PrivilegedHeaders
 from gateway.proxy import Proxy
 from gateway.ratelimit import ExchangeSlots, Limiter, LocalLimiter, RetryBudget, UpstreamHold
 from gateway.routing import Router, RouteState
@@ -80,7 +83,10 @@ def create_app(
     group: WorkerGroup | None = None,
 ) -> Gateway:
     """Build the proxy handler and the admin application; serve() starts the resources."""
-    metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    kubernetes_callers = settings.caller_auth == "kubernetes"
+    metrics = Metrics(
+        registry or CollectorRegistry(auto_describe=True), caller_label=kubernetes_callers
+    )
     for route in settings.routes:
         metrics.add_route(route.name)
     for secret in settings.egress.secrets():
@@ -105,6 +111,10 @@ def create_app(
     caller_header = settings.rate_limit_caller_header
     # The caller-identity header is for the gateway only, never for the upstream.
     drop = frozenset({caller_header.lower()}) if caller_header else frozenset()
+    # Dataverse's impersonation and bypass headers (+ CIGW_STRIP_HEADERS): dropped from
+    # every caller's request except for identities on CIGW_PRIVILEGED_HEADERS_ALLOW.
+    privileged = PrivilegedHeaders(settings.strip_headers)
+    metrics.add_stripped_headers(privileged.names)
     states = [
         RouteState(
             route=route,
@@ -114,7 +124,8 @@ def create_app(
             budget=RetryBudget(clock=monotonic),
             slots=ExchangeSlots(settings.max_connections),
             limiter=route_limiter(settings, route, monotonic, fleet),
-            drop_headers=drop | route.strip_headers,
+            drop_headers=drop | route.strip_headers | privileged.lower,
+            privileged_drop_headers=drop | route.strip_headers,
         )
         for route in settings.routes
     ]
@@ -132,8 +143,11 @@ def create_app(
     managers = list(tokens_by_scope.values())
     metrics.token_expiry.set_function(lambda: min(m.expires_at for m in managers))
     limiter = worker_limiter(settings, monotonic, fleet)
+    issuer_keys = _issuer_keys(settings, metrics, monotonic) if kubernetes_callers else None
+    checks = _caller_checks(settings, metrics, privileged, issuer_keys, clock or time.time)
+    readiness.checks = (issuer_keys.problem,) if issuer_keys is not None else ()
     proxy = Proxy(settings=settings, metrics=metrics)
-    handler = proxy_handler(proxy, metrics, limiter, router, caller_header)
+    handler = proxy_handler(proxy, metrics, limiter, router, caller_header, checks=checks)
     tls = (
         ReloadingTLS(settings.tls, on_reload=metrics.tls_reloaded)
         if settings.tls is not None
@@ -155,6 +169,9 @@ def create_app(
     if group is not None:
         # Before the listeners: a scrape of another worker may ask for this one's page.
         resources += (functools.partial(serve_own, metrics.registry, group.own_socket),)
+    if issuer_keys is not None:
+        # The key client first, then its refresh task (stopped in reverse order).
+        resources += (issuer_keys.session, _background("caller key refresh", issuer_keys.run))
 
     admin_app = web.Application()
     admin_app[METRICS] = metrics
@@ -177,6 +194,56 @@ def create_app(
     )
 
 
+def _caller_checks(
+    settings: Settings,
+    metrics: Metrics,
+    privileged: PrivilegedHeaders,
+    issuer_keys: IssuerKeys | None,
+    clock: Callable[[], float],
+) -> CallerChecks:
+    """The handler's checks of who calls and what it may send."""
+    return CallerChecks(
+        privileged,
+        authenticator=_authenticator(settings, metrics, issuer_keys, clock)
+        if issuer_keys is not None
+        else None,
+        required_header=settings.require_header,
+        privileged_allow=Allowlist.parse(settings.privileged_headers_allow)
+        if settings.privileged_headers_allow
+        else None,
+    )
+
+
+def _issuer_keys(
+    settings: Settings, metrics: Metrics, monotonic: Callable[[], float]
+) -> IssuerKeys:
+    trust = settings.caller_trust
+    assert settings.caller_issuer is not None  # noqa: S101 - config requires it with kubernetes
+    return IssuerKeys(
+        settings.caller_issuer,
+        jwks_url=str(settings.caller_jwks_url) if settings.caller_jwks_url else None,
+        # Built here, before the loop runs: loading a CA bundle is blocking file I/O.
+        tls=ssl.create_default_context(cafile=str(trust) if trust else None),
+        monotonic=monotonic,
+        timeout=settings.token_timeout,
+        on_fetch=metrics.caller_keys_fetched,
+    )
+
+
+def _authenticator(
+    settings: Settings, metrics: Metrics, keys: IssuerKeys, clock: Callable[[], float]
+) -> CallerAuthenticator:
+    assert settings.caller_issuer is not None  # noqa: S101 - config requires it with kubernetes
+    return CallerAuthenticator(
+        keys,
+        Allowlist.parse(settings.caller_allow),
+        issuer=settings.caller_issuer,
+        audience=settings.caller_audience,
+        clock=clock,
+        on_rejected=metrics.caller_rejected,
+    )
+
+
 def worker_limiter(
     settings: Settings, monotonic: Callable[[], float], fleet: Fleet | None = None
 ) -> LocalLimiter:
@@ -193,6 +260,10 @@ def worker_limiter(
             burst=settings.rate_limit_burst,
             caller_rps=settings.rate_limit_caller_rps,
             caller_burst=settings.rate_limit_caller_burst,
+            # Fleet-wide per-identity budgets, named "caller:<namespace/serviceaccount>".
+            caller_rates={
+                identity: (rps, burst) for identity, rps, burst in settings.rate_limit_callers
+            },
             clock=monotonic,
             buckets=fleet.bucket,
         )
@@ -202,6 +273,10 @@ def worker_limiter(
         burst=math.ceil(settings.rate_limit_burst / workers),
         caller_rps=settings.rate_limit_caller_rps / workers,
         caller_burst=math.ceil(settings.rate_limit_caller_burst / workers),
+        caller_rates={
+            identity: (rps / workers, math.ceil(burst / workers))
+            for identity, rps, burst in settings.rate_limit_callers
+        },
         clock=monotonic,
     )
 
@@ -361,6 +436,17 @@ async def _listen(
     await proxy_site.start()
     await admin_site.start()
     gateway.proxy_port = proxy_runner.addresses[0][1]
+    if (
+        settings.caller_auth != "none"
+        and gateway.tls is None
+        and not settings.listen.host.startswith(("127.", "::1", "localhost"))
+    ):
+        log.warning(
+            "caller_tokens_in_plaintext",
+            listen=str(settings.listen),
+            hint="callers' bearer tokens cross the network unencrypted unless a service mesh "
+            "encrypts them; set CIGW_TLS_CERT_FILE and CIGW_TLS_KEY_FILE",
+        )
     gateway.admin_port = admin_runner.addresses[0][1]
     log.info(
         "listening",

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from yarl import URL
 
+from gateway.callers import Allowlist
 from gateway.credentials import CertificateError, Secret, load_certificate
 from gateway.egress import Egress, NoProxy, ProxyServer, ProxyURLError, explicit_egress
 from gateway.egress import parse_proxy_url as _parse_proxy_url
@@ -85,6 +86,9 @@ class KeySource:
     file: Path | None = None
 
 
+_DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One API behind the gateway: requests under `prefix` go to `upstream_url` with `scope`."""
@@ -116,7 +120,7 @@ class Settings:
     tenant_id: str
     client_id: str
     credential: Credential
-    listen: Listen = Listen("127.0.0.1", 8080)
+    listen: Listen = field(default_factory=lambda: _DEFAULT_LISTEN)
     admin_listen: Listen = Listen("0.0.0.0", 9090)
     upstream_url: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM))
     scope: str = DEFAULT_SCOPE
@@ -155,6 +159,19 @@ class Settings:
     redis_ca_file: Path | None = None
     redis_timeout: float = 0.02
     fleet_name_setting: str | None = None
+    # Caller authentication (issue 13): "none" or "kubernetes" (projected SA tokens).
+    caller_auth: str = "none"
+    caller_issuer: str | None = None
+    caller_jwks_url: URL | None = None
+    caller_ca_file: Path | None = None
+    caller_audience: str = "ci-gateway"
+    caller_allow: tuple[str, ...] = ()
+    allow_unauthenticated_callers: bool = False
+    require_header: tuple[str, str] | None = None
+    # (identity or namespace/*, rps, burst) on top of CIGW_RATE_LIMIT_CALLER_RPS.
+    rate_limit_callers: tuple[tuple[str, float, int], ...] = ()
+    strip_headers: tuple[str, ...] = ()
+    privileged_headers_allow: tuple[str, ...] = ()
     # REQUESTS_CA_BUNDLE or SSL_CERT_FILE: the trust store both clients use unless a
     # CIGW_*_CA_FILE names a more specific one.
     ca_bundle: Path | None = None
@@ -204,6 +221,11 @@ class Settings:
         upstreams = "|".join(str(route.upstream_url) for route in self.routes)
         origin = f"{upstreams}|{self.tenant_id}|{self.client_id}"
         return hashlib.sha256(origin.encode()).hexdigest()[:16]
+
+    @property
+    def caller_trust(self) -> Path | None:
+        """The CA bundle for the caller-token issuer."""
+        return self.caller_ca_file or self.ca_bundle
 
     @property
     def authority(self) -> str:
@@ -439,6 +461,58 @@ def _egress_override(raw: str) -> Egress:
         raise _InvalidError(f"{exc} (or 'none' for no proxy)") from None
 
 
+def _list(item: Parser[T]) -> Parser[tuple[T, ...]]:
+    def parse(raw: str) -> tuple[T, ...]:
+        # Spaces around commas are ignored and empty items skipped, as in every list here.
+        return tuple(item(piece.strip()) for piece in raw.split(",") if piece.strip())
+
+    return parse
+
+
+def _identity(raw: str) -> str:
+    try:
+        Allowlist.parse([raw])
+    except ValueError:
+        raise _InvalidError(
+            f"entry {raw!r} must be namespace/serviceaccount or namespace/*"
+        ) from None
+    return raw
+
+
+def _caller_rate(raw: str) -> tuple[str, float, int]:
+    identity, sep, rate = raw.partition("=")
+    rps_text, _, burst_text = rate.partition(":")
+    try:
+        rps = float(rps_text)
+        burst = int(burst_text) if burst_text else max(1, math.ceil(rps))
+    except ValueError:
+        rps, burst = -1.0, 0
+    if not sep or not math.isfinite(rps) or rps <= 0 or burst < 1:
+        raise _InvalidError(f"entry {raw!r} must be namespace/serviceaccount=rps[:burst]")
+    return _identity(identity.strip()), rps, burst
+
+
+def _strip_name(raw: str) -> str:
+    # Dataverse's own privileged names contain dots (MSCRM.BypassCustomPluginExecution).
+    if not raw or not raw.isascii() or not all(c.isalnum() or c in "-." for c in raw):
+        raise _InvalidError(f"entry {raw!r} must be a header name of letters, digits, '-', '.'")
+    return raw
+
+
+def _header_line(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition(":")
+    if not sep or not value.strip():
+        raise _InvalidError("must be 'Name: value', for example 'X-Gateway-Caller: app'")
+    return _header_name(name), value.strip()
+
+
+def _https_url(raw: str) -> str:
+    url = _http_url(raw)
+    if url.scheme != "https":
+        raise _InvalidError("must be an https URL (tokens are checked against its keys)")
+    return raw.strip()
+
+
 @dataclass(frozen=True, slots=True)
 class _Option(Generic[T]):
     env: str
@@ -510,6 +584,17 @@ _OPTIONS: tuple[_Option[Any], ...] = (
     _Option("CIGW_REDIS_CA_FILE", _readable_file, "redis_ca_file"),
     _Option("CIGW_REDIS_TIMEOUT", _number(0, strict_low=True, high=10), "redis_timeout"),
     _Option("CIGW_FLEET_NAME", _fleet_name, "fleet_name_setting"),
+    _Option("CIGW_CALLER_AUTH", _choice("none", "kubernetes"), "caller_auth"),
+    _Option("CIGW_CALLER_ISSUER", _https_url, "caller_issuer"),
+    _Option("CIGW_CALLER_JWKS_URL", _http_url, "caller_jwks_url"),
+    _Option("CIGW_CALLER_CA_FILE", _readable_file, "caller_ca_file"),
+    _Option("CIGW_CALLER_AUDIENCE", _text, "caller_audience"),
+    _Option("CIGW_CALLER_ALLOW", _list(_identity), "caller_allow"),
+    _Option("CIGW_ALLOW_UNAUTHENTICATED_CALLERS", _bool, "allow_unauthenticated_callers"),
+    _Option("CIGW_REQUIRE_HEADER", _header_line, "require_header"),
+    _Option("CIGW_RATE_LIMIT_CALLERS", _list(_caller_rate), "rate_limit_callers"),
+    _Option("CIGW_STRIP_HEADERS", _list(_strip_name), "strip_headers"),
+    _Option("CIGW_PRIVILEGED_HEADERS_ALLOW", _list(_identity), "privileged_headers_allow"),
 )
 _BY_ENV = {opt.env: opt for opt in _OPTIONS}
 _BY_YAML = {opt.yaml_key: opt for opt in _OPTIONS}
@@ -550,6 +635,7 @@ def load(environ: Mapping[str, str], config_file: Path | None = None) -> Setting
             "set CIGW_SUBSCRIPTION_KEY or CIGW_SUBSCRIPTION_KEY_FILE too"
         )
     _check_rate_limits(values, problems)
+    _check_callers(values, problems)
     tls = _tls_files(values, raw, problems)
     # CIGW_EGRESS_PROXY replaces the proxy environment: then none of it is read (or checked).
     egress = (
@@ -708,13 +794,77 @@ def _check_rate_limits(values: Mapping[str, Any], problems: list[str]) -> None:
         problems.append("CIGW_RATE_LIMIT_BURST is set but CIGW_RATE_LIMIT_RPS is 0 (limit off)")
     header = values.get("CIGW_RATE_LIMIT_CALLER_HEADER")
     caller_rps = values.get("CIGW_RATE_LIMIT_CALLER_RPS")
-    if caller_rps and not header:
+    kubernetes = values.get("CIGW_CALLER_AUTH") == "kubernetes"
+    if header and kubernetes:
+        problems.append(
+            "CIGW_RATE_LIMIT_CALLER_HEADER conflicts with CIGW_CALLER_AUTH=kubernetes: callers "
+            "are then rate-limited by their verified identity; remove the header setting"
+        )
+    if caller_rps and not header and not kubernetes:
         problems.append(
             "CIGW_RATE_LIMIT_CALLER_RPS is set without CIGW_RATE_LIMIT_CALLER_HEADER "
             "(the header that names the calling service)"
         )
     if header and not caller_rps:
         problems.append("CIGW_RATE_LIMIT_CALLER_HEADER is set without CIGW_RATE_LIMIT_CALLER_RPS")
+    if "CIGW_RATE_LIMIT_CALLER_BURST" in values and not caller_rps:
+        problems.append("CIGW_RATE_LIMIT_CALLER_BURST is set without CIGW_RATE_LIMIT_CALLER_RPS")
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _check_callers(values: Mapping[str, Any], problems: list[str]) -> None:
+    kubernetes = values.get("CIGW_CALLER_AUTH") == "kubernetes"
+    listen: Listen = values.get("CIGW_LISTEN", _DEFAULT_LISTEN)
+    if (
+        not kubernetes
+        and not listen.host.startswith(_LOOPBACK)
+        and not values.get("CIGW_ALLOW_UNAUTHENTICATED_CALLERS")
+    ):
+        problems.append(
+            f"CIGW_LISTEN is {listen}, beyond loopback, with CIGW_CALLER_AUTH=none: anyone who "
+            "reaches the port would use the gateway's credentials. Set CIGW_CALLER_AUTH="
+            "kubernetes, or CIGW_ALLOW_UNAUTHENTICATED_CALLERS=true if a network policy is "
+            "deliberately the only guard"
+        )
+    needs_auth = (
+        "CIGW_CALLER_ISSUER",
+        "CIGW_CALLER_JWKS_URL",
+        "CIGW_CALLER_CA_FILE",
+        "CIGW_CALLER_AUDIENCE",
+        "CIGW_CALLER_ALLOW",
+        "CIGW_RATE_LIMIT_CALLERS",
+        "CIGW_PRIVILEGED_HEADERS_ALLOW",
+    )
+    if not kubernetes:
+        problems.extend(
+            f"{env} is set but CIGW_CALLER_AUTH is none (it needs verified caller identities)"
+            for env in needs_auth
+            if env in values
+        )
+        return
+    if "CIGW_CALLER_ISSUER" not in values:
+        problems.append(
+            "CIGW_CALLER_AUTH=kubernetes needs CIGW_CALLER_ISSUER (the cluster's service-account "
+            "issuer, e.g. https://kubernetes.default.svc.cluster.local)"
+        )
+    if not values.get("CIGW_CALLER_ALLOW"):
+        problems.append(
+            "CIGW_CALLER_AUTH=kubernetes needs CIGW_CALLER_ALLOW (namespace/serviceaccount "
+            "entries, or namespace/*)"
+        )
+    if "CIGW_CALLER_AUDIENCE" in values and not values["CIGW_CALLER_AUDIENCE"]:
+        problems.append("CIGW_CALLER_AUDIENCE must not be empty")
+    allow = Allowlist.parse(values.get("CIGW_CALLER_ALLOW", ()))
+    for identity, _, _ in values.get("CIGW_RATE_LIMIT_CALLERS", ()):
+        wildcard = identity.endswith("/*")
+        if not (
+            identity.removesuffix("/*") in allow.namespaces
+            if wildcard
+            else allow.label(identity) is not None
+        ):
+            problems.append(f"CIGW_RATE_LIMIT_CALLERS names {identity}, not in CIGW_CALLER_ALLOW")
 
 
 def _tls_files(

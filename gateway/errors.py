@@ -80,6 +80,38 @@ class ExpectationFailed(GatewayError):
     close_connection = True  # the body that may follow was never asked for
 
 
+class CallerUnauthenticated(GatewayError):
+    """No caller token, or one that is malformed, expired or not signed by the issuer's keys."""
+
+    status = 401
+    code = "caller_unauthenticated"
+
+    def __init__(self, message: str) -> None:
+        # RFC 6750 §3: the scheme to use; no error details that would help probe the checks.
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class CallerForbidden(GatewayError):
+    """A valid caller token whose service account is not on CIGW_CALLER_ALLOW."""
+
+    status = 403
+    code = "caller_forbidden"
+
+
+class CallerKeysUnavailable(GatewayError):
+    """The issuer's key set was never loaded, or is older than the outage allowance."""
+
+    status = 503
+    code = "caller_keys_unavailable"
+
+
+class RequiredHeaderMissing(GatewayError):
+    """The request lacks the header CIGW_REQUIRE_HEADER names (a guard against SSRF)."""
+
+    status = 412
+    code = "required_header_missing"
+
+
 class PayloadTooLarge(GatewayError):
     """The request body exceeds CIGW_MAX_BODY_BYTES."""
 

@@ -7,19 +7,23 @@ import re
 import time
 from asyncio import CancelledError
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import HttpVersion11, web
 
+from gateway.callers import Allowlist, CallerAuthenticator
 from gateway.errors import (
     BadRequest,
     ExpectationFailed,
     GatewayError,
     MethodNotAllowed,
     NoRoute,
+    RequiredHeaderMissing,
 )
 from gateway.logging import access_log, get_logger
 from gateway.metrics import NO_ROUTE, Metrics
+from gateway.privileged import PrivilegedHeaders
 from gateway.proxy import Proxy, refuse
 from gateway.ratelimit import LocalLimiter
 from gateway.routing import Router, RouteState
@@ -30,12 +34,25 @@ log = get_logger("proxy")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+@dataclass(frozen=True, slots=True)
+class CallerChecks:
+    """Who may call and what they may send: the handler's step 4 before the rate limits."""
+
+    privileged: PrivilegedHeaders
+    authenticator: CallerAuthenticator | None = None
+    required_header: tuple[str, str] | None = None
+    # Identities (allowlist form) that may send the privileged headers.
+    privileged_allow: Allowlist | None = None
+
+
 def proxy_handler(
     proxy: Proxy,
     metrics: Metrics,
     limiter: LocalLimiter,
     router: Router,
     caller_header: str | None,
+    *,
+    checks: CallerChecks | None = None,
 ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The proxy listener's request handler: its steps, outermost first, in one function.
 
@@ -46,6 +63,8 @@ def proxy_handler(
     """
 
     tally = metrics.tally
+    checks = checks or CallerChecks(PrivilegedHeaders())
+    authenticator = checks.authenticator
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         # 1. Request context first: every later step and log line sees the request ID.
@@ -56,12 +75,32 @@ def proxy_handler(
         try:
             # 3. Error mapping turns a GatewayError raised below into JSON; the only place.
             try:
-                # 4. Routing, then rate limiting: a 404 or 429 before any body is read or
-                # any upstream I/O; only then is a caller that waits for "100 Continue"
+                # 4. Refusals before any body is read or any upstream I/O: CONNECT, the
+                # required header (412), the caller's token (401/403/503), routing (404),
+                # then the rate limits keyed by the verified caller; privileged headers are
+                # marked for removal. Only then is a caller waiting for "100 Continue"
                 # told to send its body.
+                if request.method == "CONNECT":
+                    _refuse_connect()
+                if checks.required_header is not None:
+                    _require_header(request, checks.required_header)
+                if authenticator is not None:
+                    authorization = request.headers.get("Authorization")
+                    caller = authenticator.cached(authorization)
+                    if caller is None:
+                        caller = await authenticator.authenticate(authorization)
+                    ctx.caller, ctx.caller_label = caller.identity, caller.label
+                    ctx.privileged = checks.privileged_allow is not None and bool(
+                        checks.privileged_allow.label(caller.identity)
+                    )
+                    limited_as: str | None = caller.identity
+                else:
+                    limited_as = request.headers.get(caller_header) if caller_header else None
                 route, path = _route(request, router)
                 route_name = route.name
-                _refuse_early(request, limiter, route, metrics, caller_header)
+                _refuse_early(limiter, route, metrics, limited_as, ctx.caller_label)
+                if not ctx.privileged:
+                    _count_stripped(request, checks.privileged, metrics, ctx.caller)
                 if "Expect" in request.headers:
                     await expect_continue(request)
                 response = await proxy.handle(request, ctx, route, path)
@@ -78,7 +117,7 @@ def proxy_handler(
             raise
         finally:
             seconds = time.perf_counter() - ctx.started
-            tally.finished(request.method, status, seconds, route_name)
+            tally.finished(request.method, status, seconds, route_name, ctx.caller_label)
             access_log.request(
                 ctx.request_id,
                 request.path,
@@ -89,6 +128,7 @@ def proxy_handler(
                 key_slot=ctx.key_slot,
                 error=ctx.error_code,
                 aborted=aborted or None,
+                caller=ctx.caller,
             )
 
     return handle
@@ -128,21 +168,46 @@ def _route(request: web.BaseRequest, router: Router) -> tuple[RouteState, str]:
 
 
 def _refuse_early(
-    request: web.BaseRequest,
     limiter: LocalLimiter,
     route: RouteState,
     metrics: Metrics,
-    caller_header: str | None,
+    caller: str | None,
+    caller_label: str,
 ) -> None:
     """RateLimited when the route's upstream hold, a gateway bucket or the route's says no."""
     refusal = route.hold.check()
     if refusal is None and limiter.active:
-        caller = request.headers.get(caller_header) if caller_header else None
         refusal = limiter.check(caller)
     if refusal is None and route.limiter is not None:
         refusal = route.limiter.check(None)
     if refusal is not None:
-        refuse(refusal, metrics, route.name)
+        refuse(refusal, metrics, route.name, caller_label)
+
+
+def _refuse_connect() -> None:
+    # Refused first: CONNECT's target is an authority, not a path.
+    raise MethodNotAllowed("CONNECT is not supported: this is not a tunnel")
+
+
+def _require_header(request: web.BaseRequest, required: tuple[str, str]) -> None:
+    """412 unless the request carries the configured header with its value."""
+    name, value = required
+    if request.headers.get(name) != value:
+        raise RequiredHeaderMissing(f"this gateway requires the header {name}")
+
+
+def _count_stripped(
+    request: web.BaseRequest,
+    privileged: PrivilegedHeaders,
+    metrics: Metrics,
+    caller: str | None,
+) -> None:
+    """Count and log the privileged headers the proxy will drop from this request."""
+    found = privileged.present(request.headers)
+    if found:
+        for name in found:
+            metrics.stripped_headers.labels(header=name).inc()
+        log.warning("privileged_headers_stripped", headers=",".join(found), caller=caller)
 
 
 def _map_error(ctx: RequestContext, exc: Exception) -> web.StreamResponse:

@@ -176,8 +176,9 @@ class AccessLog:
         key_slot: str | None,
         error: str | None,
         aborted: bool | None,
+        caller: str | None = None,
     ) -> None:
-        """Log one answered request."""
+        """Log one answered request; `caller` is the verified namespace/serviceaccount."""
         if not self.enabled:
             return
         direct = self.direct
@@ -192,6 +193,7 @@ class AccessLog:
                 key_slot=key_slot,
                 error=error,
                 aborted=aborted,
+                caller=caller,
             )  # request_id is in the context
             return
         # Only the path and the request ID come from the caller; every other field is a
@@ -201,7 +203,8 @@ class AccessLog:
             f'"path": {_string(redactor.scrub(path))}, "status": {status}, '
             f'"duration_ms": {duration_ms!r}, "upstream_status": {_number(upstream_status)}, '
             f'"key_slot": {_string(key_slot)}, "error": {_string(error)}, '
-            f'"aborted": {"true" if aborted else "null"}, "event": "request", '
+            f'"aborted": {"true" if aborted else "null"}, "caller": {_string(caller)}, '
+            f'"event": "request", '
             f'"request_id": {_string(redactor.scrub(request_id))}, "level": "info", '
             f'"timestamp": "{self._timestamp()}"}}'
         )

@@ -27,11 +27,14 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     """The gateway's metrics; tests build one per test on a fresh registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, caller_label: bool = False) -> None:
         self.registry = registry
+        # With caller authentication, request and rate-limit series carry a `caller` label:
+        # the allowlist entry matched, so its values are bounded by configuration.
+        self.caller_label = caller_label
         # cigw_requests, cigw_request_duration_seconds, cigw_upstream_duration_seconds and
         # cigw_inflight_requests change on every request: see RequestTally.
-        self.tally = RequestTally()
+        self.tally = RequestTally(caller_label=caller_label)
         registry.register(self.tally)
         self.token_requests = Counter(
             "cigw_token_requests",
@@ -81,7 +84,25 @@ class Metrics:
         self.rate_limited = Counter(
             "cigw_rate_limited",
             "Requests answered 429 locally, by scope.",
-            ["scope", "route"],
+            ["scope", "route", "caller"] if caller_label else ["scope", "route"],
+            registry=registry,
+        )
+        self.caller_rejections = Counter(
+            "cigw_caller_rejections",
+            "Requests refused by caller authentication, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.caller_key_fetches = Counter(
+            "cigw_caller_key_fetches",
+            "Fetches of the caller-token issuer's key set, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.stripped_headers = Counter(
+            "cigw_stripped_headers",
+            "Privileged headers removed from callers' requests, by header name.",
+            ["header"],
             registry=registry,
         )
         self.upstream_hold = Gauge(
@@ -116,8 +137,31 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         for outcome in ("success", "failure"):
             self.token_requests.labels(outcome=outcome)
+            self.caller_key_fetches.labels(outcome=outcome)
+        for reason in ("unauthenticated", "forbidden", "keys_unavailable"):
+            self.caller_rejections.labels(reason=reason)
         for outcome in ("success", "failure"):
             self.tls_reloads.labels(outcome=outcome)
+
+    def count_rate_limited(self, scope: str, route: str, caller: str | None) -> None:
+        """A local 429, by scope and route, and by caller label with caller authentication."""
+        if self.caller_label:
+            self.rate_limited.labels(scope=scope, route=route, caller=caller or "").inc()
+        else:
+            self.rate_limited.labels(scope=scope, route=route).inc()
+
+    def caller_keys_fetched(self, ok: bool) -> None:
+        """Count a fetch of the issuer's key set."""
+        self.caller_key_fetches.labels(outcome="success" if ok else "failure").inc()
+
+    def caller_rejected(self, reason: str) -> None:
+        """Count a request caller authentication refused."""
+        self.caller_rejections.labels(reason=reason).inc()
+
+    def add_stripped_headers(self, names: tuple[str, ...]) -> None:
+        """Create each stripped header's series at zero (names come from configuration)."""
+        for name in names:
+            self.stripped_headers.labels(header=name)
 
     def tls_reloaded(self, ok: bool) -> None:
         """Count a certificate reload: taken, or refused and the previous pair kept."""
@@ -125,7 +169,7 @@ class Metrics:
 
     def add_route(self, route: str) -> None:
         """Create a route's series at zero, so dashboards see them before the first event."""
-        for scope in ("global", "caller", "route", "upstream"):
+        for scope in () if self.caller_label else ("global", "caller", "route", "upstream"):
             self.rate_limited.labels(scope=scope, route=route)
         for reason in ("connect_error", "status_502", "status_503", "status_504"):
             self.upstream_retries.labels(reason=reason, route=route)
@@ -206,9 +250,11 @@ class RequestTally(Collector):
     same loop, so a scrape never sees half a request.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, caller_label: bool = False) -> None:
         self.inflight = 0
-        self._requests: dict[tuple[str, int, str], list[float]] = {}  # [count, created]
+        self._caller_label = caller_label
+        # (method, code, route, caller) -> [count, created]
+        self._requests: dict[tuple[str, int, str, str], list[float]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
         self._upstream: dict[str, _Histogram] = {}
 
@@ -216,13 +262,15 @@ class RequestTally(Collector):
         """A request arrived on the proxy listener."""
         self.inflight += 1
 
-    def finished(self, method: str, status: int, seconds: float, route: str = NO_ROUTE) -> None:
-        """A request on `route` was answered (or abandoned) after `seconds`."""
+    def finished(
+        self, method: str, status: int, seconds: float, route: str = NO_ROUTE, caller: str = ""
+    ) -> None:
+        """A request on `route` was answered (or abandoned) after `seconds`; `caller`: its label."""
         self.inflight -= 1
         method = method if method in KNOWN_METHODS else "OTHER"
-        counted = self._requests.get((method, status, route))
+        counted = self._requests.get((method, status, route, caller))
         if counted is None:
-            counted = self._requests[(method, status, route)] = [0, time.time()]
+            counted = self._requests[(method, status, route, caller)] = [0, time.time()]
         counted[0] += 1
         histogram = self._durations.get((method, route))
         if histogram is None:
@@ -245,10 +293,12 @@ class RequestTally(Collector):
         requests = CounterMetricFamily(
             "cigw_requests",
             "Requests answered on the proxy listener.",
-            labels=["method", "code", "route"],
+            labels=["method", "code", "route", "caller"][: 4 if self._caller_label else 3],
         )
-        for (method, status, route), (count, created) in sorted(self._requests.items()):
-            requests.add_metric([method, str(status), route], count, created=created)
+        width = 4 if self._caller_label else 3
+        for (method, status, route, caller), (count, created) in sorted(self._requests.items()):
+            values = [method, str(status), route, caller][:width]
+            requests.add_metric(values, count, created=created)
         yield requests
         durations = HistogramMetricFamily(
             "cigw_request_duration_seconds",

@@ -266,9 +266,9 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - now)
 
 
-def refuse(refusal: Refusal, metrics: Metrics, route: str) -> NoReturn:
-    """Count a local 429 by its scope and route; raise it, with Retry-After and RateLimit."""
-    metrics.rate_limited.labels(scope=refusal.scope, route=route).inc()
+def refuse(refusal: Refusal, metrics: Metrics, route: str, caller: str | None = None) -> NoReturn:
+    """Count a local 429 by scope, route (and caller); raise it with Retry-After and RateLimit."""
+    metrics.count_rate_limited(refusal.scope, route, caller)
     raise RateLimited(refusal.message(), headers=refusal.headers())
 
 
@@ -384,7 +384,11 @@ class Proxy:
         check_message(request.version, request.headers)
         settings = self.settings
         target = build_target(route.base_path, path)
-        headers = request_headers(request.headers, route.drop_headers)
+        # Callers allowed the privileged headers are spared their removal (a smaller set).
+        headers = request_headers(
+            request.headers,
+            route.privileged_drop_headers if ctx.privileged else route.drop_headers,
+        )
         headers["X-Request-ID"] = ctx.request_id
         if route.links is not None:
             # Links are rewritten only in an uncompressed answer.
@@ -405,7 +409,7 @@ class Proxy:
         while True:
             refusal = hold.check()
             if refusal is not None:
-                refuse(refusal, self.metrics, route.name)
+                refuse(refusal, self.metrics, route.name, ctx.caller_label)
             headers["Authorization"] = f"Bearer {attempt.token}"
             if attempt.key is not None:
                 headers[KEY_HEADER] = attempt.key[1]

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,6 +101,7 @@ class LocalLimiter:
         burst: int,
         caller_rps: float = 0.0,
         caller_burst: int = 0,
+        caller_rates: Mapping[str, tuple[float, int]] | None = None,
         max_callers: int = 10_000,
         clock: Clock = time.monotonic,
         scope: str = "global",
@@ -115,15 +116,21 @@ class LocalLimiter:
         self._global = self._buckets(name or scope, rps, burst) if rps > 0 else None
         self._scope = scope  # what a refusal by the shared bucket is counted and shown as
         self._caller_rps, self._caller_burst, self._clock = caller_rps, caller_burst, clock
+        # Rates for particular callers ("ns/sa" or "ns/*"), over the default per-caller rate.
+        self._caller_rates = dict(caller_rates or {})
         # An idle bucket is full again after burst/rate seconds, so expiring it then loses
         # nothing; maxsize bounds memory against a flood of distinct caller names.
-        ttl = max(1.0, caller_burst / caller_rps) if caller_rps > 0 else 1.0
+        ttl = max(
+            [1.0]
+            + [burst / rate for rate, burst in self._caller_rates.values()]
+            + ([caller_burst / caller_rps] if caller_rps > 0 else [])
+        )
         self._callers: TTLCache[str, Bucket] = TTLCache(max_callers, ttl, timer=clock)
 
     @property
     def active(self) -> bool:
         """False when no limit is configured, so the request path can skip the check."""
-        return self._global is not None or self._caller_rps > 0
+        return self._global is not None or self._caller_rps > 0 or bool(self._caller_rates)
 
     def caller_buckets(self) -> int:
         """How many per-caller buckets are held now."""
@@ -132,19 +139,31 @@ class LocalLimiter:
 
     def check(self, caller: str | None) -> Refusal | None:
         """Per-caller bucket first, so one noisy caller does not drain the global bucket."""
-        if self._caller_rps > 0 and caller is not None:
+        if caller is not None and (self._caller_rps > 0 or self._caller_rates):
             bucket = self._callers.get(caller)
             if bucket is None:
-                bucket = self._buckets(f"caller:{caller}", self._caller_rps, self._caller_burst)
-            self._callers[caller] = bucket  # re-inserting refreshes the TTL
-            wait = bucket.take()
-            if wait:
-                return Refusal("caller", wait, self._caller_burst)
+                bucket = self._new_bucket(caller)
+            if bucket is not None:
+                self._callers[caller] = bucket  # re-inserting refreshes the TTL
+                wait = bucket.take()
+                if wait:
+                    return Refusal("caller", wait, bucket.burst)
         if self._global is not None:
             wait = self._global.take()
             if wait:
                 return Refusal(self._scope, wait, self._global.burst)
         return None
+
+    def _new_bucket(self, caller: str) -> Bucket | None:
+        """The caller's own rate, its namespace's (`ns/*`), else the default; None: no limit."""
+        rate = self._caller_rates.get(caller)
+        if rate is None and "/" in caller:
+            rate = self._caller_rates.get(caller.partition("/")[0] + "/*")
+        if rate is None:
+            if self._caller_rps <= 0:
+                return None
+            rate = (self._caller_rps, self._caller_burst)
+        return self._buckets(f"caller:{caller}", rate[0], rate[1])
 
 
 class UpstreamHold:

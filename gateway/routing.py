@@ -31,6 +31,8 @@ class RouteState:
     limiter: Limiter | None = None  # the route's own budget (rate_limit_rps), if any
     client: UpstreamClient | None = None  # set by its resource before serving
     drop_headers: frozenset[str] = frozenset()  # request headers never sent upstream
+    # The same for callers allowed the privileged headers (CIGW_PRIVILEGED_HEADERS_ALLOW).
+    privileged_drop_headers: frozenset[str] = frozenset()
     base_path: str = field(init=False)
     links: LinkRewriter | None = field(init=False)  # with rewrite_links
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +48,8 @@ class Readiness:
     tokens: Mapping[str, TokenSource]  # by route name
     named: bool = False  # name the route in the reason (with YAML routes:)
     draining: bool = False
+    # More reasons not to be ready (the caller-token key set not loaded yet); None: fine.
+    checks: tuple[Callable[[], str | None], ...] = ()
 
     def reason(self) -> str | None:
         """None when ready, else why not (naming each route that is not ready)."""
@@ -59,7 +61,13 @@ class Readiness:
             for name, tokens in self.tokens.items()
             if not tokens.valid
         ]
-        return "; ".join(reasons) or None
+        if reasons:
+            return "; ".join(reasons)
+        for check in self.checks:
+            problem = check()
+            if problem is not None:
+                return problem
+        return None
 
 
 @dataclass(slots=True)
@@ -72,6 +80,9 @@ class RequestContext:
     key_slot: str | None = None
     response_started: bool = False
     error_code: str | None = None
+    caller: str | None = None  # the verified namespace/serviceaccount (caller authentication)
+    caller_label: str = ""  # the allowlist entry it matched: the metric label
+    privileged: bool = False  # may send the privileged headers (CIGW_PRIVILEGED_HEADERS_ALLOW)
 
 
 METRICS = web.AppKey("metrics", Metrics)

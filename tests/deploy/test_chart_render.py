@@ -35,7 +35,7 @@ from .tools import (
 # Custom resources of the Prometheus Operator: kubernetes-validate has schemas for Kubernetes'
 # own kinds only, so these are the only kinds left out of the schema check. Their content is
 # checked by the assertions in test_monitoring.py, and the PrometheusRule's rules by promtool.
-CRD_KINDS: Final = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
+CRD_KINDS: Final = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"})
 
 COMBINATIONS: Final = [
     pytest.param(None, id="defaults"),
@@ -127,9 +127,12 @@ def test_default_values_render_a_complete_shared_gateway(helm: Helm) -> None:
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {p["name"] for p in gateway["ports"]}
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
-    # The one thing that comes from outside the release: the documented credentials Secret.
+    # What comes from outside the release: the documented credentials and TLS Secrets, and the
+    # cluster's own CA ConfigMap for the caller-token issuer.
     secret_volumes = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-    assert secret_volumes == [f"{FULLNAME}-credentials"]
+    assert secret_volumes == [f"{FULLNAME}-credentials", f"{FULLNAME}-tls"]
+    config_maps = [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v]
+    assert config_maps == ["kube-root-ca.crt"]
 
 
 def _features(values: dict[str, Any]) -> set[str]:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from tests.certs import client_certificate
+from tests.certs import client_certificate, self_signed_rsa
 
 from .tools import (
     CI,
@@ -61,6 +62,15 @@ def secret_value(docs: list[Manifest], secret: str, key: str, *, encrypted: bool
     return CANARY
 
 
+def listener_pair() -> tuple[str, str]:
+    """A certificate and its key, as a kubernetes.io/tls Secret holds them (PEM)."""
+    key, certificate = self_signed_rsa("ci-gateway.example.svc")
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
 def pod_environment(docs: list[Manifest], root: Path) -> dict[str, str]:
     """The gateway container's environment as the kubelet (and the identity webhook) build it."""
     ((workload, gateway, _),) = gateway_containers(docs)
@@ -68,14 +78,22 @@ def pod_environment(docs: list[Manifest], root: Path) -> dict[str, str]:
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     encrypted = any(e["name"] == "AZURE_CLIENT_CERTIFICATE_PASSWORD" for e in gateway["env"])
     mounts: dict[str, Path] = {}
+    listener_cert, listener_key = listener_pair()
     for mount in gateway["volumeMounts"]:
         local = root / mount["name"]
         local.mkdir()
         mounts[mount["mountPath"]] = local
         secret = volumes[mount["name"]].get("secret")
         for item in secret["items"] if secret else []:
-            value = secret_value(docs, secret["secretName"], item["key"], encrypted=encrypted)
+            if item["key"] in ("tls.crt", "tls.key"):  # the listener's kubernetes.io/tls pair
+                value = listener_cert if item["key"] == "tls.crt" else listener_key
+            else:
+                value = secret_value(docs, secret["secretName"], item["key"], encrypted=encrypted)
             (local / item["path"]).write_text(value, encoding="utf-8")
+        config_map = volumes[mount["name"]].get("configMap")
+        for item in config_map["items"] if config_map else []:
+            # kube-root-ca.crt: the cluster's CA, here any CA certificate.
+            (local / item["path"]).write_text(listener_cert, encoding="utf-8")
     env: dict[str, str] = {}
     for source in gateway["envFrom"]:
         env |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]

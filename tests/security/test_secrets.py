@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from gateway.sandbox.issuer import TokenIssuer
 from tests.certs import self_signed_rsa
-from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET
+from tests.conftest import CANARY_PRIMARY, CANARY_SECONDARY, CANARY_SECRET, base_url, start_app
 from tests.security.conftest import (
     CANARY_ASSERTION,
     CANARY_CERT_PASSWORD,
@@ -33,6 +34,7 @@ from tests.security.conftest import (
 )
 from tests.security.support import GatewayProcess, Ledger, SecurityUpstream
 from tests.servers.forward_proxy import running_tinyproxy
+from tests.servers.oidc import ServiceAccountIssuer
 from tests.servers.redis import RedisServer
 from tests.servers.upstream import Upstream
 from tests.tls_files import client_context, key_canary, write_pair
@@ -348,3 +350,45 @@ async def test_redis_password_leaks_nothing(
         await asyncio.to_thread(redis.stop)
     ledger.secret(*issuer.issued)
     assert ledger.leaks() == []
+
+
+async def test_caller_tokens_leak_nothing(
+    issuer: TokenIssuer,
+    upstream: Upstream,
+    ledger: Ledger,
+    ca_file: Path,
+    server_ssl: ssl.SSLContext,
+) -> None:
+    """Callers' tokens, accepted or refused, appear in no log line, answer or metric."""
+    sa_issuer = ServiceAccountIssuer()
+    runner = await start_app(sa_issuer.app(), server_ssl)
+    sa_issuer.base_url = base_url(runner, "https")
+    env = process_env(issuer, f"{upstream.base_url}/v1", ca_file) | {
+        "CIGW_CALLER_AUTH": "kubernetes",
+        "CIGW_CALLER_ISSUER": sa_issuer.issuer,
+        "CIGW_CALLER_CA_FILE": str(ca_file),
+        "CIGW_CALLER_ALLOW": "team-a/reporting",
+    }
+    await check_config(env, ledger)
+    gateway = await GatewayProcess.start(env, ledger)
+    tokens = {
+        200: sa_issuer.token("team-a", "reporting"),
+        403: sa_issuer.token("team-b", "reporting"),
+        401: sa_issuer.token("team-a", "reporting", aud=["elsewhere"]),
+    }
+    try:
+        async with aiohttp.ClientSession() as session:
+            await gateway.wait_ready(session)
+            proxy = f"http://127.0.0.1:{gateway.proxy_port}"
+            for status, token in tokens.items():
+                async with session.get(
+                    f"{proxy}/echo/caller", headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    ledger.record("caller answer", await response.read())
+                    assert response.status == status
+            _, text = await gateway.get(session, f"http://127.0.0.1:{gateway.admin_port}/metrics")
+            assert "cigw_caller_rejections_total" in text
+    finally:
+        await gateway.stop()
+        await runner.cleanup()
+        ledger.secret(*sa_issuer.minted, *issuer.issued)

@@ -21,6 +21,7 @@ FIELDS = {
     "key_slot",
     "error",
     "aborted",
+    "caller",
     "event",
     "request_id",
     "level",

@@ -155,6 +155,31 @@ CIGW_REDIS_TIMEOUT: {{ $fleet.redis.timeoutSeconds | toString | quote }}
 CIGW_FLEET_NAME: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if eq .Values.mode "gateway" }}
+{{- $cl := .Values.gateway.callers }}
+CIGW_CALLER_AUTH: {{ $cl.auth | quote }}
+{{- if eq $cl.auth "kubernetes" }}
+CIGW_CALLER_ISSUER: {{ $cl.issuer | quote }}
+{{- with $cl.jwksUrl }}
+CIGW_CALLER_JWKS_URL: {{ . | quote }}
+{{- end }}
+CIGW_CALLER_AUDIENCE: {{ $cl.audience | quote }}
+CIGW_CALLER_ALLOW: {{ join "," (default (list (printf "%s/*" .Release.Namespace)) $cl.allow) | quote }}
+{{- with $cl.rateLimits }}
+CIGW_RATE_LIMIT_CALLERS: {{ join "," . | quote }}
+{{- end }}
+{{- with $cl.privilegedHeadersAllow }}
+CIGW_PRIVILEGED_HEADERS_ALLOW: {{ join "," . | quote }}
+{{- end }}
+{{- else if $cl.allowUnauthenticated }}
+CIGW_ALLOW_UNAUTHENTICATED_CALLERS: "true"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The shared gateway's TLS Secret. */}}
+{{- define "ci-gateway.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "ci-gateway.fullname" .)) .Values.gateway.tls.secretName -}}
 {{- end -}}
 
 {{/*
@@ -215,6 +240,24 @@ sidecar template.
 {{- end -}}
 {{- if and $v.sidecar.demo.enabled (ne $v.mode "sidecar") -}}
 {{- fail "sidecar.demo.enabled=true needs mode=sidecar" -}}
+{{- end -}}
+{{- if eq $v.mode "gateway" -}}
+{{- $cl := $v.gateway.callers -}}
+{{- if and (eq $cl.auth "none") (not $cl.allowUnauthenticated) -}}
+{{- fail "gateway.callers.auth=none lets anyone who reaches the Service use the gateway's credentials: set gateway.callers.auth=kubernetes, or gateway.callers.allowUnauthenticated=true deliberately" -}}
+{{- end -}}
+{{- if and (eq $cl.auth "none") (or $cl.rateLimits $cl.privilegedHeadersAllow) -}}
+{{- fail "gateway.callers.rateLimits and privilegedHeadersAllow need gateway.callers.auth=kubernetes (verified identities)" -}}
+{{- end -}}
+{{- if and $v.gateway.tls.certManager.enabled (not $v.gateway.tls.certManager.issuerRef.name) -}}
+{{- fail "gateway.tls.certManager.enabled=true needs gateway.tls.certManager.issuerRef.name" -}}
+{{- end -}}
+{{- if and $v.gateway.tls.certManager.enabled (not $v.gateway.tls.enabled) -}}
+{{- fail "gateway.tls.certManager.enabled=true needs gateway.tls.enabled=true" -}}
+{{- end -}}
+{{- if and $v.gateway.exampleClient.enabled (ne $cl.auth "kubernetes") -}}
+{{- fail "gateway.exampleClient.enabled=true shows token authentication: it needs gateway.callers.auth=kubernetes" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -284,6 +327,17 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
     {{- if $v.fleet.redis.caSecret }}
     - name: CIGW_REDIS_CA_FILE
       value: {{ printf "%s/redis-ca/%s" $mount $v.fleet.redis.caKey | quote }}
+    {{- if eq .role "gateway" }}
+    {{- if $v.gateway.tls.enabled }}
+    - name: CIGW_TLS_CERT_FILE
+      value: {{ printf "%s/tls/tls.crt" $mount | quote }}
+    - name: CIGW_TLS_KEY_FILE
+      value: {{ printf "%s/tls/tls.key" $mount | quote }}
+    {{- end }}
+    {{- if and (eq $v.gateway.callers.auth "kubernetes") $v.gateway.callers.caConfigMap }}
+    - name: CIGW_CALLER_CA_FILE
+      value: {{ printf "%s/issuer-ca/ca.crt" $mount | quote }}
+    {{- end }}
     {{- end }}
     {{- with $v.extraEnv }}
     {{- toYaml . | nindent 4 }}
@@ -350,6 +404,18 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
       mountPath: {{ printf "%s/redis-ca" $mount }}
       readOnly: true
     {{- end }}
+    {{- if eq .role "gateway" }}
+    {{- if $v.gateway.tls.enabled }}
+    - name: cigw-tls
+      mountPath: {{ printf "%s/tls" $mount }}
+      readOnly: true
+    {{- end }}
+    {{- if and (eq $v.gateway.callers.auth "kubernetes") $v.gateway.callers.caConfigMap }}
+    - name: cigw-issuer-ca
+      mountPath: {{ printf "%s/issuer-ca" $mount }}
+      readOnly: true
+    {{- end }}
+    {{- end }}
 {{- end -}}
 
 {{/*
@@ -403,6 +469,25 @@ names it.
     items:
       - key: {{ $v.fleet.redis.caKey }}
         path: {{ $v.fleet.redis.caKey }}
+{{- if eq $v.mode "gateway" }}
+{{- if $v.gateway.tls.enabled }}
+- name: cigw-tls
+  secret:
+    secretName: {{ include "ci-gateway.tlsSecretName" . }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- if and (eq $v.gateway.callers.auth "kubernetes") $v.gateway.callers.caConfigMap }}
+- name: cigw-issuer-ca
+  configMap:
+    name: {{ $v.gateway.callers.caConfigMap }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
 {{- end }}
 {{- end -}}
 
