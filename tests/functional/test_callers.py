@@ -20,8 +20,10 @@ from typing import Any
 
 import jwt
 import pytest
+import trustme
 
 from gateway import config
+from gateway.app import caller_tokens_in_plaintext
 from gateway.errors import ConfigError
 from gateway.jwks import MAX_STALE_SECONDS, REFETCH_SECONDS
 from tests.clock import FakeClock
@@ -37,6 +39,7 @@ from tests.servers.oidc import (
     unsigned,
 )
 from tests.servers.upstream import Upstream
+from tests.tls_files import write_pair
 
 ALLOW = "team-a/reporting, team-b/*"
 
@@ -435,3 +438,31 @@ def test_caller_settings_need_caller_auth(gateway_env: dict[str, str]) -> None:
         config.load(env)
     assert "CIGW_CALLER_ALLOW is set but CIGW_CALLER_AUTH is none" in str(caught.value)
     assert "CIGW_PRIVILEGED_HEADERS_ALLOW is set but CIGW_CALLER_AUTH is none" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "tls", "warned"),
+    [
+        ("0.0.0.0:8080", False, True),
+        ("0.0.0.0:8080", True, False),
+        ("127.0.0.1:8080", False, False),
+    ],
+    ids=["plaintext-beyond-loopback", "https", "loopback"],
+)
+def test_plaintext_warning_with_caller_auth(
+    *,
+    gateway_env: dict[str, str],
+    ca_file: Path,
+    ca: trustme.CA,
+    tmp_path: Path,
+    listen: str,
+    tls: bool,
+    warned: bool,
+) -> None:
+    """With caller authentication, only a plaintext listener beyond loopback is warned about."""
+    issuer = ServiceAccountIssuer(base_url="https://127.0.0.1:1")
+    env = {**gateway_env, **caller_env(issuer, ca_file), "CIGW_LISTEN": listen}
+    if tls:
+        cert, key, _ = write_pair(ca, tmp_path)
+        env |= {"CIGW_TLS_CERT_FILE": str(cert), "CIGW_TLS_KEY_FILE": str(key)}
+    assert caller_tokens_in_plaintext(config.load(env)) is warned

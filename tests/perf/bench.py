@@ -86,6 +86,7 @@ class Options:
     candidate_src: Path | None = None  # a second gateway build, measured alongside
     profile_at_rate: bool = False  # profile at the fixed rate instead of saturated
     routes: bool = False  # run the routes and link-rewriting scenario instead (routes_bench.py)
+    caller_auth: bool = False  # run tests/perf/caller_auth.py instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -1264,6 +1265,11 @@ def parse(argv: Sequence[str] | None) -> Options:
         choices=("py-spy", "pyinstrument"),
         help="profile the saturated gateway instead",
     )
+    parser.add_argument(
+        "--caller-auth",
+        action="store_true",
+        help="instead: what caller authentication adds to p50 (tests/perf/caller_auth.py)",
+    )
     args = parser.parse_args(argv)
     base = (
         Options(duration=0.5, rounds=1, warmup=0.2, rate=200, connections=8, stream_bytes=8 * MIB)
@@ -1288,6 +1294,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         "targets": tuple(name.strip() for name in args.targets.split(",")),
         "extra_env": tuple(tuple(item.split("=", 1)) for item in args.env) or None,
         "routes": args.routes or None,
+        "caller_auth": args.caller_auth or None,
     }
     return dataclasses.replace(base, **{k: v for k, v in chosen.items() if v is not None})
 
@@ -1314,6 +1321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return routes_bench.main(opts, say)
 
+    if opts.caller_auth:
+        from tests.perf import caller_auth  # its own scenario module
+
+        figure = asyncio.run(caller_auth.run(opts, say))
+        print(caller_auth.write(figure, opts.out))  # noqa: T201
+        return 0
     try:
         import uvloop
     except ImportError:

@@ -106,6 +106,10 @@ def _complete(buffer: bytearray) -> int | None:
     return start  # no body (204, 304, or a bodiless error)
 
 
+# Extra request header lines ("Name: value"), from --header (e.g. a caller's bearer token).
+_EXTRA_HEADERS: list[str] = []
+
+
 def _request(url: str) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     target = parts.path or "/"
@@ -113,7 +117,10 @@ def _request(url: str) -> tuple[str, int, bytes]:
         target += "?" + parts.query
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 80
-    request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: cigw-bench\r\n\r\n"
+    extra = "".join(f"{line}\r\n" for line in _EXTRA_HEADERS)
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: cigw-bench\r\n{extra}\r\n"
+    )
     return host, port, request.encode()
 
 
@@ -212,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--header", action="append", default=[], help="'Name: value' to send")
     args = parser.parse_args(argv)
+    _EXTRA_HEADERS[:] = args.header
     run = (
         closed_loop(args.url, args.duration, args.connections)
         if args.mode == "closed"

@@ -61,3 +61,19 @@ def test_quick_routes_bench_reports_its_figures(tmp_path: Path) -> None:
     figures = json.loads((tmp_path / "routes.json").read_text())
     assert figures["errors"] == 0
     assert figures["rewrite_ms_median"] > 0
+
+
+def test_quick_caller_auth_scenario_reports_the_added_p50(tmp_path: Path) -> None:
+    """`--caller-auth --quick` starts both gateways and the issuers and reports the figure."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.perf.bench", "--caller-auth", "--quick", "--out", tmp_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "| added p50, ms" in run.stdout
+    assert "| errors (plain / callers) | 0 / 0 |" in run.stdout
+    assert (tmp_path / "caller-auth.md").read_text().strip() == run.stdout.strip()
