@@ -327,6 +327,7 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
     {{- if $v.fleet.redis.caSecret }}
     - name: CIGW_REDIS_CA_FILE
       value: {{ printf "%s/redis-ca/%s" $mount $v.fleet.redis.caKey | quote }}
+    {{- end }}
     {{- if eq .role "gateway" }}
     {{- if $v.gateway.tls.enabled }}
     - name: CIGW_TLS_CERT_FILE
@@ -469,6 +470,7 @@ names it.
     items:
       - key: {{ $v.fleet.redis.caKey }}
         path: {{ $v.fleet.redis.caKey }}
+{{- end }}
 {{- if eq $v.mode "gateway" }}
 {{- if $v.gateway.tls.enabled }}
 - name: cigw-tls
