@@ -115,9 +115,10 @@ async def test_allowed_caller_is_forwarded_without_its_token(
     callers = [line.get("caller") for line in lines if line.get("event") == "request"]
     assert callers == ["team-a/reporting", "team-b/anyone"]
     metrics = await gw.metrics_text()
-    assert 'cigw_requests_total{caller="team-a/reporting",code="200",method="GET"} 1.0' in metrics
+    requests = 'cigw_requests_total{{caller="{}",code="200",method="GET",route="/"}} 1.0'
+    assert requests.format("team-a/reporting") in metrics
     # Wildcard matches are labelled by their allowlist entry, so the label stays bounded.
-    assert 'cigw_requests_total{caller="team-b/*",code="200",method="GET"} 1.0' in metrics
+    assert requests.format("team-b/*") in metrics
     assert token not in log_output.getvalue()
 
 
@@ -322,8 +323,9 @@ async def test_per_caller_limits_are_keyed_by_identity(
     assert statuses == [200, 200, 200, 200, 429]
     assert [(await call(gw, other))[0] for _ in range(3)] == [200, 200, 429]
     metrics = await gw.metrics_text()
-    assert 'cigw_rate_limited_total{caller="team-a/reporting",scope="caller"} 1.0' in metrics
-    assert 'cigw_rate_limited_total{caller="team-b/*",scope="caller"} 1.0' in metrics
+    limited = 'cigw_rate_limited_total{{caller="{}",route="/",scope="caller"}} 1.0'
+    assert limited.format("team-a/reporting") in metrics
+    assert limited.format("team-b/*") in metrics
 
 
 async def test_privileged_headers_pass_only_for_allowed_callers(

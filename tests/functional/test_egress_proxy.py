@@ -29,7 +29,7 @@ from tests.process import run_cli
 from tests.servers.forward_proxy import ForwardProxy, running_tinyproxy
 from tests.servers.upstream import Upstream
 
-PROXY_USER = "gateway"
+PROXY_USER = "proxy-user-Tq83"  # unique, so "not in the output" means not leaked
 PROXY_PASSWORD = "proxy-password-canary-Rk42"
 NO_PROXY_VARIABLES = dict.fromkeys(("NO_PROXY", "no_proxy", "CIGW_EGRESS_PROXY"))
 
