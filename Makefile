@@ -9,6 +9,9 @@ HELM   := $(BIN)/helm
 .PHONY: install test test-tools lint typecheck unit serve sandbox bench bench-smoke bench-tools fuzz clean
 
 FUZZ_SECONDS ?= 300
+# Hypothesis examples of the upstream client's differential suite against h11 under
+# `make fuzz` (make test runs 120).
+DIFF_EXAMPLES ?= 5000
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -62,9 +65,11 @@ sandbox: $(STAMP)
 	$(BIN)/ci-gateway sandbox
 
 # A longer run of the raw-request fuzzer (make test runs it for 10 s);
-# replay a failure with CIGW_FUZZ_SEED=<seed from its message>.
+# replay a failure with CIGW_FUZZ_SEED=<seed from its message>. Then the upstream client
+# against h11 with DIFF_EXAMPLES generated answers (make test runs 120).
 fuzz: $(STAMP)
 	CIGW_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/security/test_fuzz.py -p no:randomly -o timeout=0 -q
+	CIGW_DIFF_EXAMPLES=$(DIFF_EXAMPLES) $(BIN)/pytest tests/functional/test_upstream_differential.py -k generated -p no:randomly -o timeout=0 -q
 
 # Direct vs nginx vs the gateway on this machine, in one run (minutes; not part of
 # `make test`, whose smoke run is tests/perf/test_bench_smoke.py). Prints the table, writes

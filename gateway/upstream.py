@@ -773,7 +773,9 @@ class _Connection(asyncio.Protocol):
             return
         # Names are tokens (llhttp checked); a value that is not UTF-8 makes the answer
         # invalid (UnicodeDecodeError stops the parser): relayed byte-exact or not at all.
-        fields.append((name.decode(), value.decode()))
+        # llhttp strips the whitespace before a value, not after it (RFC 9110 §5.5: not
+        # part of the value).
+        fields.append((name.decode(), value.rstrip(b" \t").decode()))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -796,8 +798,11 @@ class _Connection(asyncio.Protocol):
         response.status = status
         reason = self._reason
         response.reason = reason.decode("ascii") if reason.isascii() and reason else None
+        version = parser.get_http_version()
+        if version not in {"1.1", "1.0"}:
+            raise _OutOfStep  # an HTTP/1.1 connection carries HTTP/1.x answers only
         # HTTP/1.0's keep-alive is not relied on (h11 does not either).
-        self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        self._keep_alive = version == "1.1" and parser.should_keep_alive()
         bodyless = self._method == "HEAD" or status in (204, 304)
         if bodyless or "Content-Length" in headers:
             self._until_close = False
