@@ -370,3 +370,19 @@ async def test_transfer_coded_answer_is_relayed_with_its_coding_named(
         assert response.status == 200
         assert response.headers["Content-Encoding"] == "gzip"
     assert body == payload
+
+
+# --------------------------------------------------------------------------- 13. housekeeping
+
+
+async def test_upstream_idle_timeout_setting_reaps_idle_connections(
+    start_gateway: StartGateway, raw_servers: list[RawServer]
+) -> None:
+    """With CIGW_UPSTREAM_IDLE_TIMEOUT=0.3 the gateway closes an idle upstream connection itself."""
+    gw, server = await gateway_to(
+        start_gateway, raw_servers, answering(answer(b"200 OK", b"ok")), upstream_idle_timeout="0.3"
+    )
+    async with gw.session.get(gw.url("/x")) as response:
+        assert await response.read() == b"ok"
+    async with asyncio.timeout(2):
+        await server.wires[0].eof.wait()

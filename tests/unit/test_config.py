@@ -28,6 +28,8 @@ def test_defaults_match_the_documented_contract() -> None:
     assert settings.authority == "https://login.microsoftonline.com/tenant"
     assert settings.instance_discovery is True
     assert settings.upstream_timeout == 60
+    assert settings.upstream_idle_timeout == 4
+    assert settings.upstream_max_connection_age == 300
     assert settings.shutdown_grace == 20
     assert settings.log_level == "info"
     assert settings.primary_key is None
@@ -95,6 +97,16 @@ def test_example_yaml_is_valid_and_covers_every_setting() -> None:
             {"CIGW_UPSTREAM_TIMEOUT": "0"},
             ["CIGW_UPSTREAM_TIMEOUT must be greater than 0"],
             id="timeout-zero",
+        ),
+        pytest.param(
+            {"CIGW_UPSTREAM_IDLE_TIMEOUT": "0"},
+            ["CIGW_UPSTREAM_IDLE_TIMEOUT must be greater than 0"],
+            id="idle-timeout-zero",
+        ),
+        pytest.param(
+            {"CIGW_UPSTREAM_MAX_CONNECTION_AGE": "forever"},
+            ["CIGW_UPSTREAM_MAX_CONNECTION_AGE"],
+            id="max-age-not-a-number",
         ),
         pytest.param(
             {"CIGW_SHUTDOWN_GRACE": "soon"},
