@@ -166,7 +166,7 @@ async def test_interim_answer_with_a_body_or_status_below_100_is_invalid(
 async def test_interim_answers_with_empty_framing_are_skipped(
     servers: list[RawServer], clients: list[UpstreamClient]
 ) -> None:
-    """100, 102, 103 and a 1xx with Content-Length: 0 are skipped; the final answer is intact."""
+    """100, 102, 103 and a 1xx with Content-Length: 0 are skipped (a control: passed before too)."""
     interims = (
         b"HTTP/1.1 100 Continue\r\n\r\n"
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
@@ -240,7 +240,8 @@ async def test_tls_end_without_close_notify_is_a_truncation(
     client_tls: ssl.SSLContext,
     close_notify: bool,
 ) -> None:
-    """A TLS close-delimited body is complete only after close_notify; without it the read fails."""
+    """A TLS close-delimited body is complete only after close_notify (that case, a control,
+    passed before too); without it the read fails."""
     server = await start(servers, tls_close_delimited(server_ssl, close_notify=close_notify))
     origin = URL(f"https://127.0.0.1:{server.port}")
     client = client_for(clients, origin, tls=client_tls)
