@@ -61,6 +61,11 @@ class GatewayProcess:
         """Send a signal."""
         self.process.send_signal(signum)
 
+    async def exit_code(self, within: float = 30.0) -> int:
+        """Wait for the process to exit on its own (after a signal the test sent already)."""
+        async with asyncio.timeout(within):
+            return await self.process.wait()
+
     async def stop(self, within: float = 30.0) -> int:
         """SIGTERM, then wait for the exit code."""
         if self.process.returncode is None:

@@ -83,7 +83,9 @@ async def test_sigterm_drains_in_flight_requests(
         response = await in_flight
         assert response.status == 200
         response.release()
-    assert await child.stop() == 0
+    # Sent once above: a second SIGTERM from stop() could arrive after the event loop has
+    # removed its handlers and end the process with the default action (-15).
+    assert await child.exit_code() == 0
     assert "shutdown_complete" in child.printed()
 
 
