@@ -17,6 +17,7 @@ import yaml
 from gateway.sandbox.issuer import TokenIssuer
 from tests.conftest import (
     CANARY_PRIMARY,
+    CANARY_SECONDARY,
     RunningGateway,
     StartGateway,
     base_url,
@@ -287,3 +288,40 @@ async def test_each_route_trusts_its_own_upstream_ca(
         assert [seen.raw_path for seen in tls_upstream.seen] == ["/v1/echo/x"]
     finally:
         await runner.cleanup()
+
+
+async def test_key_fallback_is_per_route(
+    start_routes: StartRoutes, upstream: Upstream, dataverse: Upstream
+) -> None:
+    """A route whose primary key APIM refuses falls back to its secondary; another route that
+    sends its own primary to the same APIM keeps sending it."""
+    gw = await start_routes(
+        ci={
+            "subscription_key": "revoked0key0000000000000000000",
+            "subscription_key_secondary": CANARY_SECONDARY,
+        },
+        extra=[
+            {
+                "prefix": "/ci2/",
+                "upstream_url": f"{upstream.base_url}/v1",
+                "scope": CI_SCOPE,
+                "subscription_key": CANARY_PRIMARY,
+                "subscription_key_secondary": CANARY_SECONDARY,
+            }
+        ],
+    )
+    assert (await get(gw, "/ci/echo/a"))[0] == 200
+    assert (await get(gw, "/ci2/echo/b"))[0] == 200
+    assert (await get(gw, "/ci/echo/c"))[0] == 200
+    # APIM refused the revoked key before the upstream saw the request: not in `seen`.
+    sent = [
+        (seen.raw_path, seen.header_values("Ocp-Apim-Subscription-Key")) for seen in upstream.seen
+    ]
+    assert sent == [
+        ("/v1/echo/a", [CANARY_SECONDARY]),
+        ("/v1/echo/b", [CANARY_PRIMARY]),
+        ("/v1/echo/c", [CANARY_SECONDARY]),
+    ]
+    text = await gw.metrics_text()
+    assert 'cigw_subscription_key_fallbacks_total{route="/ci/"} 1.0' in text
+    assert 'cigw_subscription_key_fallbacks_total{route="/ci2/"} 0.0' in text
