@@ -12,6 +12,9 @@ In front of the API sits what Dataverse checks itself: a bearer token from the s
 issuer whose audience is the organization URL (scope `{org}/.default`), and no
 impersonation or bypass headers: the gateway must never forward a caller's. Every request
 is recorded (`seen`) so tests can tell which ones came through the gateway.
+
+Typed columns, answers and errors, and the query options come from `odata.py`; this
+module holds the tables, the organization, routing, writes, paging and $batch.
 """
 
 from __future__ import annotations
@@ -26,16 +29,29 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import MIMEPart
 from http import HTTPStatus
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
+
+from gateway.sandbox.odata import (
+    GUID,
+    Answer,
+    Column,
+    EdmType,
+    Failure,
+    Query,
+    Row,
+    Value,
+    error,
+    fail,
+)
 
 API_PATH: Final = "/api/data/v9.2"
 JSON_TYPE: Final = "application/json; odata.metadata=minimal"
@@ -45,25 +61,10 @@ IMPERSONATION_HEADERS: Final = ("CallerObjectId", "MSCRMCallerID")
 BYPASS_PREFIX: Final = "MSCRM.Bypass"  # the stand-in refuses any header starting so
 BYPASS_HEADERS: Final = ("MSCRM.BypassCustomPluginExecution", "MSCRM.BypassBusinessLogicExecution")
 
-EdmType = Literal[
-    "Edm.String", "Edm.Int32", "Edm.Decimal", "Edm.Boolean", "Edm.Guid", "Edm.DateTimeOffset"
-]
-Value = str | int | float | bool | None
-Row = dict[str, Value]
 VerifyToken = Callable[[str, str], bool]  # (token, audience) → valid
 
 
 # --------------------------------------------------------------------------- tables
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column's logical name, type, and whether clients may write it."""
-
-    name: str
-    edm: EdmType
-    writable: bool = True
-    options: Mapping[int, str] | None = None  # a choice (picklist) column's values and labels
 
 
 @dataclass(frozen=True)
@@ -327,11 +328,11 @@ class DataverseOrganization:
             f"Principal user (Id={self.user_id}, type=8) is missing {privilege} privilege "
             f"(header {header} refused: the sandbox never accepts it)"
         )
-        return _error(HTTPStatus.FORBIDDEN, "0x80040220", message)
+        return error(HTTPStatus.FORBIDDEN, "0x80040220", message)
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _render(
-            _error(
+            error(
                 HTTPStatus.NOT_FOUND,
                 "0x8006088a",
                 f"Resource not found for the segment '{request.path.strip('/')}'.",
@@ -351,7 +352,7 @@ class DataverseOrganization:
         """Answer one Web API call (the path is relative to the service root)."""
         try:
             return _Service(self, call).answer()
-        except _Failure as failure:
+        except Failure as failure:
             return failure.answer
 
 
@@ -369,32 +370,9 @@ class Call:
     body: bytes
 
 
-@dataclass
-class Answer:
-    """What the service answers: status, headers, and a JSON body or none."""
-
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: dict[str, Any] | None = None
-
-
-class _Failure(Exception):
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(answer.body)
-        self.answer = answer
-
-
 def _common() -> dict[str, str]:
     request_id = str(uuid.uuid4())
     return {"OData-Version": "4.0", "REQ_ID": request_id, "x-ms-service-request-id": request_id}
-
-
-def _error(status: HTTPStatus, code: str, message: str) -> Answer:
-    return Answer(status, body={"error": {"code": code, "message": message}})
-
-
-def _fail(status: HTTPStatus, code: str, message: str) -> _Failure:
-    return _Failure(_error(status, code, message))
 
 
 def _throttled(protection: ServiceProtection, wait: int) -> Answer:
@@ -402,7 +380,7 @@ def _throttled(protection: ServiceProtection, wait: int) -> Answer:
         f"Number of requests exceeded the limit of {protection.limit} over time window of "
         f"{protection.window:g} seconds."
     )
-    answer = _error(HTTPStatus.TOO_MANY_REQUESTS, "0x80072322", message)
+    answer = error(HTTPStatus.TOO_MANY_REQUESTS, "0x80072322", message)
     answer.headers["Retry-After"] = str(wait)
     return answer
 
@@ -451,16 +429,6 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
 
 
 _SEGMENT: Final = re.compile(r"(?P<name>[A-Za-z_$][A-Za-z0-9_.]*)(?:\((?P<key>[^()]*)\))?")
-_GUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-_QUERY_OPTIONS: Final = (
-    "$select",
-    "$filter",
-    "$orderby",
-    "$top",
-    "$count",
-    "$skiptoken",
-    "$expand",
-)
 
 
 class _Service:
@@ -490,15 +458,15 @@ class _Service:
             return self._collection(table)
         return self._entity(table, _entity_key(key))
 
-    def _no_segment(self, segment: str) -> _Failure:
-        return _fail(
+    def _no_segment(self, segment: str) -> Failure:
+        return fail(
             HTTPStatus.NOT_FOUND, "0x8006088a", f"Resource not found for the segment '{segment}'."
         )
 
     def _methods(self, *allowed: str) -> None:
         if self.call.method not in allowed:
             message = f"The HTTP method '{self.call.method}' is not allowed for this resource."
-            raise _fail(HTTPStatus.METHOD_NOT_ALLOWED, "0x80060888", message)
+            raise fail(HTTPStatus.METHOD_NOT_ALLOWED, "0x80060888", message)
 
     def _context(self, fragment: str) -> str:
         return f"{self.org.service_root}/$metadata#{fragment}"
@@ -528,7 +496,7 @@ class _Service:
         if key is None:
             if rest:
                 raise self._no_segment(rest[0])
-            query = _Query.parse(
+            query = Query.parse(
                 self.call.query, _DEFINITION_COLUMNS, "EntityDefinitions", paging=False
             )
             matches = query.run(rows, "MetadataId")
@@ -543,7 +511,7 @@ class _Service:
         table = _definition_table(key)
         if table is None:
             message = f"Could not find entity with key {key}."
-            raise _fail(HTTPStatus.NOT_FOUND, "0x80040217", message)
+            raise fail(HTTPStatus.NOT_FOUND, "0x80040217", message)
         if not rest:
             return Answer(
                 200,
@@ -574,7 +542,7 @@ class _Service:
             self._writable(table)
             return self._create(table)
         self._methods("GET")
-        query = _Query.parse(self.call.query, table.columns, table.entity_type, paging=True)
+        query = Query.parse(self.call.query, table.columns, table.entity_type, paging=True)
         matches = query.run(self.org.rows[table.entity_set].values(), table.primary_id)
         headers: dict[str, str] = {}
         page_size = None
@@ -608,7 +576,7 @@ class _Service:
         query = "&".join(f"{k}={quote(v, safe=_LINK_SAFE)}" for k, v in options)
         return f"{self.org.service_root}/{table.entity_set}?{query}"
 
-    def _shape(self, table: Table, row: Row, query: _Query) -> dict[str, Any]:
+    def _shape(self, table: Table, row: Row, query: Query) -> dict[str, Any]:
         shaped: dict[str, Any] = {"@odata.etag": f'W/"{row["versionnumber"]}"'}
         shaped.update(query.project(row, table.primary_id))
         return shaped
@@ -624,10 +592,10 @@ class _Service:
             return Answer(204)
         self._methods("GET")
         row = self._existing(table, key)
-        query = _Query.parse(self.call.query, table.columns, table.entity_type, paging=False)
+        query = Query.parse(self.call.query, table.columns, table.entity_type, paging=False)
         return self._representation(table, row, query, 200)
 
-    def _representation(self, table: Table, row: Row, query: _Query, status: int) -> Answer:
+    def _representation(self, table: Table, row: Row, query: Query, status: int) -> Answer:
         projection = f"({','.join(query.select)})" if query.select else ""
         body = {
             "@odata.context": self._context(f"{table.entity_set}{projection}/$entity"),
@@ -638,13 +606,13 @@ class _Service:
     def _writable(self, table: Table) -> None:
         if table.entity_set not in WRITABLE_SETS:
             message = f"The sandbox does not let clients change {table.entity_set}."
-            raise _fail(HTTPStatus.FORBIDDEN, "0x80040220", message)
+            raise fail(HTTPStatus.FORBIDDEN, "0x80040220", message)
 
     def _existing(self, table: Table, key: str) -> Row:
         row = self.org.rows[table.entity_set].get(key)
         if row is None:
             message = f"Entity '{table.logical_name}' With Id = {key} Does Not Exist"
-            raise _fail(HTTPStatus.NOT_FOUND, "0x80040217", message)
+            raise fail(HTTPStatus.NOT_FOUND, "0x80040217", message)
         return row
 
     def _create(self, table: Table) -> Answer:
@@ -652,7 +620,7 @@ class _Service:
         key = str(values.pop(table.primary_id, None) or self.org.new_id()).lower()
         rows = self.org.rows[table.entity_set]
         if key in rows:
-            raise _fail(
+            raise fail(
                 HTTPStatus.PRECONDITION_FAILED,
                 "0x80040237",
                 "A record with matching key values already exists.",
@@ -666,7 +634,7 @@ class _Service:
         values = _payload(table, self.call.body)
         if table.primary_id in values and str(values[table.primary_id]).lower() != key:
             message = f"{table.primary_id} identifies the row and cannot be changed."
-            raise _fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
+            raise fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
         rows = self.org.rows[table.entity_set]
         row = rows.get(key)
         if_match = self.call.headers.get("If-Match")
@@ -675,13 +643,13 @@ class _Service:
                 self._existing(table, key)
             row = rows[key] = _new_row(self.org, table, key)  # PATCH without If-Match upserts
         elif self.call.headers.get("If-None-Match") == "*":
-            raise _fail(
+            raise fail(
                 HTTPStatus.PRECONDITION_FAILED,
                 "0x80040237",
                 "A record with matching key values already exists.",
             )
         elif if_match not in (None, "*", f'W/"{row["versionnumber"]}"'):
-            raise _fail(
+            raise fail(
                 HTTPStatus.PRECONDITION_FAILED,
                 "0x80060882",
                 "The version of the existing record doesn't match the RowVersion property "
@@ -693,7 +661,7 @@ class _Service:
     def _written(self, table: Table, row: Row, status: int) -> Answer:
         entity_id = f"{self.org.service_root}/{table.entity_set}({row[table.primary_id]})"
         if self.prefer.get("return") == "representation":
-            query = _Query.parse(self.call.query, table.columns, table.entity_type, paging=False)
+            query = Query.parse(self.call.query, table.columns, table.entity_type, paging=False)
             answer = self._representation(table, row, query, status)
             answer.headers["Preference-Applied"] = "return=representation"
         else:
@@ -709,16 +677,16 @@ def _entity_key(text: str) -> str:
     key = text.strip()
     if key.startswith("{") and key.endswith("}"):
         key = key[1:-1]
-    if not _GUID.fullmatch(key):
+    if not GUID.fullmatch(key):
         message = f"Bad Request - Error in query syntax: '{text}' is not a GUID key."
-        raise _fail(HTTPStatus.BAD_REQUEST, "0x80060888", message)
+        raise fail(HTTPStatus.BAD_REQUEST, "0x80060888", message)
     return key.lower()
 
 
 def _page_size(value: str) -> int:
     if not re.fullmatch(r"[0-9]{1,9}", value) or int(value) == 0:
         message = f"The value '{value}' of odata.maxpagesize is not a positive integer."
-        raise _fail(HTTPStatus.BAD_REQUEST, "0x80060888", message)
+        raise fail(HTTPStatus.BAD_REQUEST, "0x80060888", message)
     return min(int(value), MAX_PAGE_SIZE)  # larger requests are ignored, as Dataverse does
 
 
@@ -732,7 +700,7 @@ def _resume(
     paging = re.search(r'pagingcookie="([^"]*)"', skiptoken)
     last = re.search(r'last="\{([0-9A-Fa-f-]{36})\}"', unquote(paging[1])) if paging else None
     if number is None or last is None:
-        raise _fail(
+        raise fail(
             HTTPStatus.BAD_REQUEST, "0x80060888", "The $skiptoken is not a valid paging cookie."
         )
     key = last[1].lower()
@@ -832,7 +800,7 @@ def _payload(table: Table, body: bytes) -> Row:
         data = None
     if not isinstance(data, dict):
         message = "The request body must be a JSON object of column values."
-        raise _fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
+        raise fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
     values: Row = {}
     for name, value in data.items():
         if name.startswith("@odata."):
@@ -840,7 +808,7 @@ def _payload(table: Table, body: bytes) -> Row:
         column = table.columns.get(name)
         if column is None or not column.writable:
             message = f"Invalid property '{name}' was found in entity '{table.entity_type}'."
-            raise _fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
+            raise fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
         values[name] = _typed(table, column, value)
     return values
 
@@ -857,18 +825,18 @@ def _typed(table: Table, column: Column, value: object) -> Value:
         and not isinstance(value, bool)
         and math.isfinite(value),
         "Edm.Boolean": isinstance(value, bool),
-        "Edm.Guid": isinstance(value, str) and _GUID.fullmatch(value) is not None,
+        "Edm.Guid": isinstance(value, str) and GUID.fullmatch(value) is not None,
         "Edm.DateTimeOffset": False,
     }[column.edm]
     if not fits:
         message = f"Cannot convert the literal '{value}' to the expected type '{column.edm}'."
-        raise _fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
+        raise fail(HTTPStatus.BAD_REQUEST, "0x80048d19", message)
     if column.options is not None and value not in column.options:
         message = (
             f"A validation error occurred. The value {value} of '{column.name}' on record of "
             f"type '{table.logical_name}' is outside the valid range."
         )
-        raise _fail(HTTPStatus.BAD_REQUEST, "0x8004431a", message)
+        raise fail(HTTPStatus.BAD_REQUEST, "0x8004431a", message)
     if column.edm == "Edm.Guid":
         return str(value).lower()
     if column.edm == "Edm.Decimal":
@@ -975,283 +943,6 @@ def _seed_rows(org: DataverseOrganization) -> dict[str, dict[str, Row]]:
     return rows
 
 
-# --------------------------------------------------------------------------- query options
-
-
-_Predicate = Callable[[Row], bool]
-
-
-@dataclass(frozen=True)
-class _Query:
-    select: tuple[str, ...] = ()
-    predicate: _Predicate | None = None
-    order: tuple[tuple[str, bool], ...] = ()  # (column, descending)
-    top: int | None = None
-    count: bool = False
-    skiptoken: str | None = None
-
-    @classmethod
-    def parse(
-        cls,
-        params: MultiMapping[str],
-        columns: Mapping[str, Column],
-        entity_type: str,
-        *,
-        paging: bool,
-    ) -> _Query:
-        for option in params:
-            if option == "$skip":
-                raise _bad_query("The query parameter $skip is not supported")
-            if option.startswith("$") and option not in _QUERY_OPTIONS:
-                raise _bad_query(f"The query parameter {option} is not supported")
-            if len(params.getall(option)) > 1:
-                raise _bad_query(f"Query option '{option}' was specified more than once.")
-        if "$expand" in params:
-            raise _bad_query("The sandbox does not support $expand.")
-        if not paging and "$skiptoken" in params:
-            raise _bad_query("The query parameter $skiptoken is not supported here")
-        top = params.get("$top")
-        if top is not None and (not re.fullmatch(r"[0-9]{1,9}", top)):
-            raise _bad_query(f"Invalid value '{top}' for $top query option found.")
-        count = params.get("$count", "false")
-        if count not in ("true", "false"):
-            raise _bad_query(f"'{count}' is not a valid count option.")
-        text = params.get("$filter")
-        return cls(
-            select=_parse_select(params.get("$select"), columns, entity_type),
-            predicate=None if text is None else _FilterParser(text, columns, entity_type).parse(),
-            order=_parse_orderby(params.get("$orderby"), columns, entity_type),
-            top=None if top is None else int(top),
-            count=count == "true",
-            skiptoken=params.get("$skiptoken"),
-        )
-
-    def run(self, rows: Iterable[Row], primary_id: str) -> list[Row]:
-        matches = [row for row in rows if self.predicate is None or self.predicate(row)]
-        # Ties keep a stable order by key, as paging cookies need.
-        matches.sort(key=lambda row: str(row[primary_id]))
-        for name, descending in reversed(self.order):
-            matches.sort(key=lambda row, n=name: (row[n] is not None, row[n]), reverse=descending)  # type: ignore[misc]
-        return matches
-
-    def project(self, row: Row, primary_id: str) -> Row:
-        if not self.select:
-            return {name: value for name, value in row.items() if name != "versionnumber"}
-        # Dataverse always returns the primary key, selected or not.
-        return {name: row[name] for name in (*self.select, primary_id) if name in row} | {
-            primary_id: row[primary_id]
-        }
-
-
-def _bad_query(message: str) -> _Failure:
-    return _fail(HTTPStatus.BAD_REQUEST, "0x80060888", message)
-
-
-def _no_property(name: str, entity_type: str) -> _Failure:
-    return _fail(
-        HTTPStatus.BAD_REQUEST,
-        "0x0",
-        f"Could not find a property named '{name}' on type '{entity_type}'.",
-    )
-
-
-def _parse_select(
-    value: str | None, columns: Mapping[str, Column], entity_type: str
-) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    names = [name.strip() for name in value.split(",")]
-    for name in names:
-        if name not in columns:
-            raise _no_property(name, entity_type)
-    return tuple(dict.fromkeys(names))
-
-
-def _parse_orderby(
-    value: str | None, columns: Mapping[str, Column], entity_type: str
-) -> tuple[tuple[str, bool], ...]:
-    if value is None:
-        return ()
-    order = []
-    for item in value.split(","):
-        name, *direction = item.split()
-        if direction not in ([], ["asc"], ["desc"]):
-            raise _bad_query(f"Syntax error in $orderby: '{item.strip()}'.")
-        if name not in columns:
-            raise _no_property(name, entity_type)
-        order.append((name, direction == ["desc"]))
-    return tuple(order)
-
-
-# $filter: comparisons (eq ne gt ge lt le), contains/startswith/endswith, and/or/not, parentheses.
-_TOKEN: Final = re.compile(
-    r"""\s*(?:
-        (?P<string>'(?:[^']|'')*')
-      | (?P<guid>[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})
-      | (?P<number>-?[0-9]+(?:\.[0-9]+)?)
-      | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
-      | (?P<punct>[(),])
-    )\s*""",
-    re.VERBOSE,
-)
-_COMPARE: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
-    "eq": lambda a, b: a == b,
-    "ne": lambda a, b: a != b,
-    "gt": lambda a, b: a is not None and b is not None and a > b,
-    "ge": lambda a, b: a is not None and b is not None and a >= b,
-    "lt": lambda a, b: a is not None and b is not None and a < b,
-    "le": lambda a, b: a is not None and b is not None and a <= b,
-}
-_FUNCTIONS: Final[Mapping[str, Callable[[str, str], bool]]] = {
-    # Dataverse compares text case-insensitively (the database collation).
-    "contains": lambda value, text: text.casefold() in value.casefold(),
-    "startswith": lambda value, text: value.casefold().startswith(text.casefold()),
-    "endswith": lambda value, text: value.casefold().endswith(text.casefold()),
-}
-
-
-class _FilterParser:
-    def __init__(self, text: str, columns: Mapping[str, Column], entity_type: str) -> None:
-        self._text = text
-        self._columns = columns
-        self._entity_type = entity_type
-        self._tokens: list[tuple[str, str, int]] = []
-        position = 0
-        while text[position:].strip():
-            match = _TOKEN.match(text, position)
-            if match is None or match.lastgroup is None:
-                raise self._syntax(len(text) - len(text[position:].lstrip()))
-            self._tokens.append(
-                (match.lastgroup, match[match.lastgroup], match.start(match.lastgroup))
-            )
-            position = match.end()
-        self._at = 0
-
-    def parse(self) -> _Predicate:
-        predicate = self._disjunction()
-        if self._at < len(self._tokens):
-            raise self._syntax(self._tokens[self._at][2])
-        return predicate
-
-    def _syntax(self, position: int) -> _Failure:
-        return _bad_query(f"Syntax error at position {position} in '{self._text}'.")
-
-    def _peek(self, kind: str, ahead: int = 0) -> str | None:
-        index = self._at + ahead
-        if index < len(self._tokens) and self._tokens[index][0] == kind:
-            return self._tokens[index][1]
-        return None
-
-    def _next(self) -> tuple[str, str, int]:
-        if self._at >= len(self._tokens):
-            raise self._syntax(len(self._text))
-        self._at += 1
-        return self._tokens[self._at - 1]
-
-    def _accept(self, kind: str, text: str) -> bool:
-        if self._peek(kind) == text:
-            self._at += 1
-            return True
-        return False
-
-    def _expect(self, kind: str, text: str | None = None) -> str:
-        token = self._next()
-        if token[0] != kind or text not in (None, token[1]):
-            raise self._syntax(token[2])
-        return token[1]
-
-    def _disjunction(self) -> _Predicate:
-        terms = [self._conjunction()]
-        while self._accept("word", "or"):
-            terms.append(self._conjunction())
-        return terms[0] if len(terms) == 1 else lambda row: any(term(row) for term in terms)
-
-    def _conjunction(self) -> _Predicate:
-        terms = [self._unary()]
-        while self._accept("word", "and"):
-            terms.append(self._unary())
-        return terms[0] if len(terms) == 1 else lambda row: all(term(row) for term in terms)
-
-    def _unary(self) -> _Predicate:
-        if self._accept("word", "not"):
-            inner = self._unary()
-            return lambda row: not inner(row)
-        if self._accept("punct", "("):
-            inner = self._disjunction()
-            self._expect("punct", ")")
-            return inner
-        word = self._peek("word")
-        if word is not None and self._peek("punct", ahead=1) == "(":
-            return self._function(word)
-        return self._comparison()
-
-    def _function(self, name: str) -> _Predicate:
-        test = _FUNCTIONS.get(name)
-        if test is None:
-            raise _bad_query(f"An unknown function with name '{name}' was found.")
-        self._at += 2
-        column = self._column()
-        self._expect("punct", ",")
-        text = self._literal(column)
-        self._expect("punct", ")")
-        if column.edm != "Edm.String" or not isinstance(text, str):
-            raise _bad_query(f"{name}() needs a text column and a string, got {column.name}.")
-        return lambda row: isinstance(value := row[column.name], str) and test(value, text)
-
-    def _comparison(self) -> _Predicate:
-        column = self._column()
-        operation = self._expect("word")
-        compare = _COMPARE.get(operation)
-        if compare is None:
-            raise _bad_query(f"Syntax error: unknown operator '{operation}' in '{self._text}'.")
-        literal = self._literal(column)
-        if column.edm == "Edm.String" and isinstance(literal, str):
-            folded = literal.casefold()
-            return lambda row: compare(_fold(row[column.name]), folded)
-        return lambda row: compare(row[column.name], literal)
-
-    def _column(self) -> Column:
-        name = self._expect("word")
-        column = self._columns.get(name)
-        if column is None:
-            raise _no_property(name, self._entity_type)
-        return column
-
-    def _literal(self, column: Column) -> Value:
-        kind, text, position = self._next()
-        if kind == "word" and text in ("null", "true", "false"):
-            value: Value = None if text == "null" else text == "true"
-        elif kind == "string":
-            value = text[1:-1].replace("''", "'")
-        elif kind == "guid":
-            value = text.lower()
-        elif kind == "number":
-            value = float(text) if "." in text or column.edm == "Edm.Decimal" else int(text)
-        else:
-            raise self._syntax(position)
-        if value is not None and not _literal_fits(column.edm, value):
-            message = (
-                "A binary operator with incompatible types was detected: "
-                f"'{column.edm}' and the literal {text}."
-            )
-            raise _bad_query(message)
-        return value
-
-
-def _fold(value: Value) -> Value:
-    return value.casefold() if isinstance(value, str) else value
-
-
-def _literal_fits(edm: EdmType, value: Value) -> bool:
-    if edm in ("Edm.String", "Edm.DateTimeOffset"):
-        return isinstance(value, str)
-    if edm == "Edm.Guid":
-        return isinstance(value, str) and _GUID.fullmatch(value) is not None
-    if edm == "Edm.Boolean":
-        return isinstance(value, bool)
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------- $batch
 
 
@@ -1270,7 +961,7 @@ class _BatchRun:
         content_type = self.request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/mixed"):
             message = "The $batch request must have Content-Type multipart/mixed with a boundary."
-            return _render(_error(HTTPStatus.BAD_REQUEST, "0x80060888", message))
+            return _render(error(HTTPStatus.BAD_REQUEST, "0x80060888", message))
         # The standard library's MIME parser takes nested multiparts as RFC 2046 writes them
         # (aiohttp's reader wants an extra CRLF after a change set's closing boundary).
         envelope = f"Content-Type: {content_type}\r\n\r\n".encode()
@@ -1281,7 +972,7 @@ class _BatchRun:
         parts: list[str] = []
         if not batch.is_multipart() or batch.defects:
             text = f"The $batch body is not a valid multipart/mixed message: {batch.defects}"
-            return _render(_error(HTTPStatus.BAD_REQUEST, "0x80060888", text))
+            return _render(error(HTTPStatus.BAD_REQUEST, "0x80060888", text))
         try:
             for part in batch.iter_parts():
                 if part.is_multipart():
@@ -1294,7 +985,7 @@ class _BatchRun:
                     break
         except ValueError as problem:
             text = f"The $batch body is not a valid multipart/mixed message: {problem}"
-            return _render(_error(HTTPStatus.BAD_REQUEST, "0x80060888", text))
+            return _render(error(HTTPStatus.BAD_REQUEST, "0x80060888", text))
         body = "".join(parts) + f"--{boundary}--{_CRLF}"
         headers = {**_common(), "Content-Type": f"multipart/mixed; boundary={boundary}"}
         return web.Response(status=200, headers=headers, body=body.encode())
@@ -1310,7 +1001,7 @@ class _BatchRun:
         answers: list[tuple[str | None, Answer]] = []
         for content_id, call in requests:
             if call.method == "GET":
-                answer = _error(
+                answer = error(
                     HTTPStatus.BAD_REQUEST,
                     "0x80060888",
                     "A change set cannot contain a GET request.",
@@ -1337,7 +1028,7 @@ class _BatchRun:
             reference, _, rest = target.partition("/")
             resolved = references.get(reference[1:])
             if resolved is None:
-                return _error(
+                return error(
                     HTTPStatus.BAD_REQUEST,
                     "0x80060888",
                     f"Content-ID reference '{reference}' is not defined in this change set.",
@@ -1349,7 +1040,7 @@ class _BatchRun:
                 f"The request URI '{call.target}' is not valid: it is not based on the "
                 f"service root {self.org.service_root}/."
             )
-            return _error(HTTPStatus.BAD_REQUEST, "0x80060888", message)
+            return error(HTTPStatus.BAD_REQUEST, "0x80060888", message)
         path, _, query_string = path_qs.partition("?")
         query = MultiDict(parse_qsl(query_string, keep_blank_values=True))
         return self.org.dispatch(
