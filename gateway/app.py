@@ -227,6 +227,7 @@ def _issuer_keys(
         monotonic=monotonic,
         timeout=settings.token_timeout,
         on_fetch=metrics.caller_keys_fetched,
+        egress=settings.egress,
     )
 
 

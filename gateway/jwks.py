@@ -21,6 +21,7 @@ from jwt import PyJWK
 from yarl import URL
 
 from gateway.callers import usable_keys
+from gateway.egress import Egress
 from gateway.logging import get_logger
 
 log = get_logger("jwks")
@@ -47,6 +48,7 @@ class IssuerKeys:
         monotonic: Callable[[], float] = time.monotonic,
         timeout: float = 10.0,
         on_fetch: Callable[[bool], None] | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self._issuer = issuer
         self._jwks_url = jwks_url
@@ -54,6 +56,7 @@ class IssuerKeys:
         self._clock = monotonic
         self._timeout = timeout
         self._on_fetch = on_fetch
+        self._egress = egress or Egress()
         self._session: aiohttp.ClientSession | None = None
         self._keys: Mapping[str, PyJWK] = {}
         self._loaded_at: float | None = None
@@ -81,14 +84,12 @@ class IssuerKeys:
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[None]:
         """The HTTP client session, open while the gateway runs (a cleanup context)."""
-        hosts = [URL(self._issuer).host, URL(self._jwks_url).host if self._jwks_url else None]
-        # Like the token endpoint's client: HTTP(S)_PROXY/NO_PROXY are honoured, except
-        # that an issuer on this host is never reached through a proxy.
-        loopback = all(host in (None, "127.0.0.1", "::1", "localhost") for host in hosts)
+        # No environment: the egress decision (gateway/egress.py, from config) names the
+        # proxy per request, as for the token endpoint and the upstream.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self._tls, limit=2),
             timeout=aiohttp.ClientTimeout(total=self._timeout),
-            trust_env=not loopback,
+            trust_env=False,
         )
         try:
             yield
@@ -167,8 +168,16 @@ class IssuerKeys:
         session = self._session
         if session is None:
             raise KeySetError("the key client is not running")
+        target = URL(url)
+        proxy = self._egress.proxy_for(target.scheme, target.host or "", target.port)
+        via: dict[str, Any] = {}
+        if proxy is not None:
+            via["proxy"] = f"http://{proxy.address}"
+            authorization = proxy.authorization()
+            if authorization is not None:
+                via["proxy_headers"] = {"Proxy-Authorization": authorization}
         try:
-            async with session.get(url, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, **via) as response:
                 if response.status != 200:
                     raise KeySetError(f"{URL(url).path} answered {response.status}")
                 body = await response.content.read(_MAX_DOCUMENT + 1)

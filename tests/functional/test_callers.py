@@ -31,6 +31,7 @@ from tests.conftest import RunningGateway, StartGateway, base_url, start_app
 from tests.poll import eventually
 from tests.process import run_cli
 from tests.security.support import JWT
+from tests.servers.forward_proxy import running_tinyproxy
 from tests.servers.oidc import (
     ServiceAccountIssuer,
     SigningKey,
@@ -468,3 +469,19 @@ def test_plaintext_warning_with_caller_auth(
         cert, key, _ = write_pair(ca, tmp_path)
         env |= {"CIGW_TLS_CERT_FILE": str(cert), "CIGW_TLS_KEY_FILE": str(key)}
     assert caller_tokens_in_plaintext(config.load(env)) is warned
+
+
+async def test_key_set_is_fetched_through_the_egress_proxy(
+    start_callers: StartCallers,
+    sa_issuer: ServiceAccountIssuer,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """With CIGW_EGRESS_PROXY, the issuer's discovery and key set go through that proxy."""
+    with running_tinyproxy(tmp_path, ("jwks-user-Mv62", "jwks-password-Lc19")) as proxy:
+        gw = await start_callers(CIGW_EGRESS_PROXY=proxy.url())
+        assert (await call(gw, sa_issuer.token("team-a", "reporting")))[0] == 200
+        issuer_address = sa_issuer.issuer.removeprefix("https://")
+        # A CONNECT tunnel each for discovery and the key set (TLS inside, to the issuer).
+        assert proxy.carried("CONNECT", issuer_address) >= 1
+    assert sa_issuer.jwks_fetches >= 1
