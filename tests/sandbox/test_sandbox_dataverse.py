@@ -231,7 +231,7 @@ async def test_sdk_gets_the_429_with_retry_after_and_ci_keeps_working(
 
     status, code, retry_after, transient = await asyncio.to_thread(throttled, sdk)
     assert (status, code, transient) == (429, "0x80072322", True)
-    assert 85 <= retry_after <= 90
+    assert 60 <= retry_after <= 90  # the window less the time since the first request
     assert tls_sandbox.dataverse.protection.refused == 1
     status, instances = await tls_sandbox.get("/instances")
     assert status == 200
