@@ -108,6 +108,7 @@ GATEWAY_ENV: Final = frozenset(
     {
         "CIGW_LISTEN",
         "CIGW_ADMIN_LISTEN",
+        "CIGW_CONFIG",
         "CIGW_UPSTREAM_URL",
         "CIGW_SCOPE",
         "AZURE_TENANT_ID",

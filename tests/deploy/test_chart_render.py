@@ -153,6 +153,8 @@ def _features(values: dict[str, Any]) -> set[str]:
         features.add("createSecret")
     if get("subscriptionKeys.enabled"):
         features.add("subscriptionKeys")
+    if get("routes"):
+        features.add("routes")
     monitors = [get(f"metrics.{m}.enabled") for m in ("serviceMonitor", "podMonitor")]
     features.add("monitors=on" if any(monitors) else "monitors=off")
     if get("metrics.prometheusRule.enabled"):
@@ -177,6 +179,7 @@ def test_ci_values_cover_every_documented_combination() -> None:
         "auth=workloadIdentity",
         "createSecret",
         "subscriptionKeys",
+        "routes",
         "monitors=on",
         "monitors=off",
         "prometheusRule",

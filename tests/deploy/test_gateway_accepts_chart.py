@@ -10,8 +10,9 @@ token file its webhook injects), and the image's entry point validates it.
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -71,38 +72,65 @@ def listener_pair() -> tuple[str, str]:
     return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
 
 
+def volume_files(
+    docs: list[Manifest], volume: Manifest, *, encrypted: bool, localise: Callable[[str], str]
+) -> dict[str, str]:
+    """The files a Secret or ConfigMap volume projects, by path: the chart's own ConfigMaps as
+    rendered (mount paths in them `localise`d), stand-ins for what exists outside the release."""
+    listener_cert, listener_key = listener_pair()
+    files: dict[str, str] = {}
+    secret: Manifest = volume.get("secret") or {"items": []}
+    for item in secret["items"]:
+        if item["key"] in ("tls.crt", "tls.key"):  # the listener's kubernetes.io/tls pair
+            value = listener_cert if item["key"] == "tls.crt" else listener_key
+        elif item["key"] == "ca.crt":  # a CA bundle, e.g. a route's upstream CA
+            value = listener_cert
+        else:
+            value = secret_value(docs, secret["secretName"], item["key"], encrypted=encrypted)
+        files[item["path"]] = value
+    config_map: Manifest = volume.get("configMap") or {"items": []}
+    rendered = {doc["metadata"]["name"]: doc["data"] for doc in of_kind(docs, "ConfigMap")}
+    for item in config_map["items"]:
+        if config_map["name"] in rendered:  # the chart's own, e.g. the routes file
+            # It names other mounted files by their pod paths: map those too.
+            files[item["path"]] = localise(rendered[config_map["name"]][item["key"]])
+        else:  # kube-root-ca.crt or a CA ConfigMap: here any CA certificate
+            files[item["path"]] = listener_cert
+    return files
+
+
 def pod_environment(docs: list[Manifest], root: Path) -> dict[str, str]:
     """The gateway container's environment as the kubelet (and the identity webhook) build it."""
     ((workload, gateway, _),) = gateway_containers(docs)
     template = pod_template(workload)
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     encrypted = any(e["name"] == "AZURE_CLIENT_CERTIFICATE_PASSWORD" for e in gateway["env"])
-    mounts: dict[str, Path] = {}
-    listener_cert, listener_key = listener_pair()
+    mounts = {m["mountPath"]: root / m["name"] for m in gateway["volumeMounts"]}
+    # One pass, longest first, only where a path starts: a replaced path is not replaced again.
+    mount_path = re.compile(
+        r"(?<![\w./-])("
+        + "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+        + ")/"
+    )
+
+    def local_paths(value: str) -> str:
+        """`value` with the pod's mount paths replaced by their local stand-ins."""
+        return mount_path.sub(lambda m: f"{mounts[m.group(1)]}/", value)
+
     for mount in gateway["volumeMounts"]:
-        local = root / mount["name"]
+        local = mounts[mount["mountPath"]]
         local.mkdir()
-        mounts[mount["mountPath"]] = local
-        secret = volumes[mount["name"]].get("secret")
-        for item in secret["items"] if secret else []:
-            if item["key"] in ("tls.crt", "tls.key"):  # the listener's kubernetes.io/tls pair
-                value = listener_cert if item["key"] == "tls.crt" else listener_key
-            else:
-                value = secret_value(docs, secret["secretName"], item["key"], encrypted=encrypted)
-            (local / item["path"]).write_text(value, encoding="utf-8")
-        config_map = volumes[mount["name"]].get("configMap")
-        for item in config_map["items"] if config_map else []:
-            # kube-root-ca.crt: the cluster's CA, here any CA certificate.
-            (local / item["path"]).write_text(listener_cert, encoding="utf-8")
+        volume = volumes[mount["name"]]
+        for path, value in volume_files(
+            docs, volume, encrypted=encrypted, localise=local_paths
+        ).items():
+            (local / path).write_text(value, encoding="utf-8")
     env: dict[str, str] = {}
     for source in gateway["envFrom"]:
         env |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]
     for entry in gateway["env"]:
         if "value" in entry:
-            value = entry["value"]
-            for mount_path, local in mounts.items():
-                if value.startswith(mount_path + "/"):
-                    value = str(local) + value.removeprefix(mount_path)
+            value = local_paths(entry["value"])
         else:
             ref = entry["valueFrom"]["secretKeyRef"]
             value = secret_value(docs, ref["name"], ref["key"], encrypted=encrypted)
@@ -162,3 +190,49 @@ def test_defaults_lack_only_the_application_ids(helm: Helm, tmp_path: Path) -> N
     assert "AZURE_TENANT_ID is required" in problems
     assert "AZURE_CLIENT_ID is required" in problems
     assert "credential" not in problems
+
+
+def test_gateway_loads_the_rendered_routes(helm: Helm, tmp_path: Path) -> None:
+    """The pod's routes file reaches the gateway: check-config shows both routes, key redacted."""
+    result = check_config(
+        pod_environment(helm.template(values_file=CI["gateway-routes"]), tmp_path), tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    # check-config prints "  name  value" lines.
+    shown = dict(
+        line.split(maxsplit=1)
+        for line in (raw.strip() for raw in result.stdout.splitlines())
+        if line.startswith("routes[")
+    )
+    assert shown["routes[0].prefix"] == "/ci/"
+    assert shown["routes[1].prefix"] == "/dataverse/"
+    assert shown["routes[1].scope"] == "https://contoso.crm4.dynamics.com/.default"
+    assert shown["routes[1].rate_limit_rps"] == "50"
+    assert shown["routes[1].strip_headers"] == "callerobjectid, mscrmcallerid"
+    assert shown["routes[0].upstream_ca_file"] == str(tmp_path / "cigw-route-0-ca" / "ca.crt")
+    assert shown["routes[1].upstream_ca_file"] == str(tmp_path / "cigw-route-1-ca" / "ca.crt")
+    keys = tmp_path / "cigw-route-0-keys"
+    assert shown["routes[0].subscription_key_file"] == str(keys / "primary")
+    assert shown["routes[0].subscription_key_secondary_file"] == str(keys / "secondary")
+    assert shown["routes[1].subscription_key_file"] == "(unset)"
+    assert "CIGW_UPSTREAM_URL" not in result.stdout
+    assert CANARY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("volume", "setting"),
+    [
+        pytest.param("cigw-route-0-keys", "routes[0].subscription_key_file", id="keys"),
+        pytest.param("cigw-route-1-ca", "routes[1].upstream_ca_file", id="ca"),
+    ],
+)
+def test_a_route_file_the_pod_does_not_mount_is_refused(
+    helm: Helm, tmp_path: Path, volume: str, setting: str
+) -> None:
+    """Without a route's mount, the file its route names is missing and the gateway says which."""
+    docs = helm.template(values_file=CI["gateway-routes"])
+    ((_, gateway, _),) = gateway_containers(docs)
+    gateway["volumeMounts"] = [m for m in gateway["volumeMounts"] if m["name"] != volume]
+    result = check_config(pod_environment(docs, tmp_path), tmp_path)
+    assert result.returncode == 2
+    assert setting in result.stderr

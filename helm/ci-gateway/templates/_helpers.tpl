@@ -112,8 +112,11 @@ which would otherwise print large ones as 1e+07.
 {{- $c := .Values.config -}}
 {{- $a := .Values.auth -}}
 {{- $rl := $c.rateLimit -}}
+{{- if not .Values.routes -}}
+{{- /* With routes each route has its own; the gateway refuses both together. */}}
 CIGW_UPSTREAM_URL: {{ $c.upstreamUrl | quote }}
 CIGW_SCOPE: {{ $c.scope | quote }}
+{{- end }}
 CIGW_SHUTDOWN_GRACE: {{ int64 $c.shutdownGraceSeconds | quote }}
 CIGW_LOG_LEVEL: {{ $c.logLevel | quote }}
 CIGW_LOG_FORMAT: {{ $c.logFormat | quote }}
@@ -177,6 +180,65 @@ CIGW_ALLOW_UNAUTHENTICATED_CALLERS: "true"
 {{- end }}
 {{- end -}}
 
+{{/*
+Routes (values.yaml `routes`): the gateway's YAML configuration file, mounted from the
+"<fullname>-routes" ConfigMap and named by CIGW_CONFIG. Subscription keys and CA bundles never
+enter it: each route's Secret (or CA ConfigMap) is mounted under routes/<index>/ and the file names
+the mounted files (subscription_key_file, upstream_ca_file), which the gateway re-reads on
+rotation. Renders nothing without routes.
+*/}}
+{{- define "ci-gateway.routesConfigMapName" -}}
+{{- printf "%s-routes" (include "ci-gateway.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ci-gateway.mountRoot" -}}/etc/ci-gateway{{- end -}}
+
+{{/* The directory a route's mounted Secret or ConfigMap lands in: what is "keys" or "ca". */}}
+{{- define "ci-gateway.routeDir" -}}
+{{- printf "%s/routes/%d/%s" (include "ci-gateway.mountRoot" .ctx) (int .index) .what -}}
+{{- end -}}
+
+{{- define "ci-gateway.routesFile" -}}
+{{- printf "%s/config/gateway.yaml" (include "ci-gateway.mountRoot" .) -}}
+{{- end -}}
+
+{{- define "ci-gateway.routesConfig" -}}
+{{- if .Values.routes -}}
+{{- $ctx := . -}}
+{{- $routes := list -}}
+{{- range $i, $r := .Values.routes -}}
+{{- $out := dict "prefix" $r.prefix "upstream_url" $r.upstreamUrl "scope" $r.scope -}}
+{{- with $r.subscriptionKeySecret -}}
+{{- $dir := include "ci-gateway.routeDir" (dict "ctx" $ctx "index" $i "what" "keys") -}}
+{{- $_ := set $out "subscription_key_file" (printf "%s/%s" $dir .key) -}}
+{{- with .secondaryKey -}}
+{{- $_ := set $out "subscription_key_secondary_file" (printf "%s/%s" $dir .) -}}
+{{- end -}}
+{{- end -}}
+{{- with (or $r.upstreamCaSecret $r.upstreamCaConfigMap) -}}
+{{- $dir := include "ci-gateway.routeDir" (dict "ctx" $ctx "index" $i "what" "ca") -}}
+{{- $_ := set $out "upstream_ca_file" (printf "%s/%s" $dir .key) -}}
+{{- end -}}
+{{- with $r.rateLimit -}}
+{{- if not (kindIs "invalid" .rps) -}}
+{{- $_ := set $out "rate_limit_rps" .rps -}}
+{{- end -}}
+{{- if not (kindIs "invalid" .burst) -}}
+{{- $_ := set $out "rate_limit_burst" (int64 .burst) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $r.rewriteLinks) -}}
+{{- $_ := set $out "rewrite_links" $r.rewriteLinks -}}
+{{- end -}}
+{{- with $r.stripHeaders -}}
+{{- $_ := set $out "strip_headers" . -}}
+{{- end -}}
+{{- $routes = append $routes $out -}}
+{{- end -}}
+{{- dict "routes" $routes | toYaml -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The shared gateway's TLS Secret. */}}
 {{- define "ci-gateway.tlsSecretName" -}}
 {{- default (printf "%s-tls" (include "ci-gateway.fullname" .)) .Values.gateway.tls.secretName -}}
@@ -228,6 +290,27 @@ sidecar template.
 {{- fail (printf "extraEnv: %s holds proxy credentials in a literal value (it would be stored in the Deployment in clear): use valueFrom.secretKeyRef" .name) -}}
 {{- end -}}
 {{- end -}}
+{{- if $v.routes -}}
+{{- if $v.subscriptionKeys.enabled -}}
+{{- fail "subscriptionKeys.enabled=true configures the single upstream's keys, which the gateway refuses together with routes: give each route its own routes[i].subscriptionKeySecret" -}}
+{{- end -}}
+{{- range $v.extraEnv -}}
+{{- if has .name (list "CIGW_UPSTREAM_URL" "CIGW_SCOPE" "CIGW_UPSTREAM_CA_FILE" "CIGW_SUBSCRIPTION_KEY" "CIGW_SUBSCRIPTION_KEY_FILE" "CIGW_SUBSCRIPTION_KEY_SECONDARY" "CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE" "CIGW_CONFIG") -}}
+{{- fail (printf "extraEnv: %s cannot be set together with routes (each route has its own upstreamUrl, scope, subscriptionKeySecret and upstreamCa*; the chart sets CIGW_CONFIG)" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- $prefixes := dict -}}
+{{- range $i, $r := $v.routes -}}
+{{- $prefix := printf "%s/" (trimSuffix "/" $r.prefix) -}}
+{{- if hasKey $prefixes $prefix -}}
+{{- fail (printf "routes[%d].prefix %q is also routes[%v]'s: each route needs its own prefix" $i $r.prefix (index $prefixes $prefix)) -}}
+{{- end -}}
+{{- $_ := set $prefixes $prefix $i -}}
+{{- if and $r.upstreamCaSecret $r.upstreamCaConfigMap -}}
+{{- fail (printf "routes[%d]: set upstreamCaSecret or upstreamCaConfigMap, not both" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (eq $v.mode "sidecar") -}}
 {{- fail "metrics.serviceMonitor needs mode=gateway (a sidecar has no Service of its own): use metrics.podMonitor" -}}
 {{- end -}}
@@ -270,7 +353,7 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
 {{- $ctx := .ctx -}}
 {{- $v := $ctx.Values -}}
 {{- $native := eq (include "ci-gateway.isNative" .) "true" -}}
-{{- $mount := "/etc/ci-gateway" -}}
+{{- $mount := include "ci-gateway.mountRoot" $ctx -}}
 - name: {{ ternary $v.sidecar.containerName "ci-gateway" (eq .role "sidecar") }}
   image: {{ include "ci-gateway.image" $ctx | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -319,6 +402,10 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
     - name: CIGW_SUBSCRIPTION_KEY_SECONDARY_FILE
       value: {{ printf "%s/subscription-keys/%s" $mount $v.subscriptionKeys.secretKeys.secondary | quote }}
     {{- end }}
+    {{- end }}
+    {{- if $v.routes }}
+    - name: CIGW_CONFIG
+      value: {{ include "ci-gateway.routesFile" $ctx | quote }}
     {{- end }}
     {{- if $v.fleet.redis.passwordSecret }}
     - name: CIGW_REDIS_PASSWORD_FILE
@@ -395,6 +482,23 @@ admin port is the only one on the pod IP; native or classic by sidecar.native).
       mountPath: {{ printf "%s/subscription-keys" $mount }}
       readOnly: true
     {{- end }}
+    {{- if $v.routes }}
+    - name: cigw-routes
+      mountPath: {{ printf "%s/config" $mount }}
+      readOnly: true
+    {{- range $i, $r := $v.routes }}
+    {{- if $r.subscriptionKeySecret }}
+    - name: {{ printf "cigw-route-%d-keys" $i }}
+      mountPath: {{ include "ci-gateway.routeDir" (dict "ctx" $ctx "index" $i "what" "keys") }}
+      readOnly: true
+    {{- end }}
+    {{- if or $r.upstreamCaSecret $r.upstreamCaConfigMap }}
+    - name: {{ printf "cigw-route-%d-ca" $i }}
+      mountPath: {{ include "ci-gateway.routeDir" (dict "ctx" $ctx "index" $i "what" "ca") }}
+      readOnly: true
+    {{- end }}
+    {{- end }}
+    {{- end }}
     {{- if $v.fleet.redis.passwordSecret }}
     - name: cigw-redis-password
       mountPath: {{ printf "%s/redis-password" $mount }}
@@ -455,6 +559,44 @@ names it.
         path: {{ $v.subscriptionKeys.secretKeys.secondary }}
       {{- end }}
 {{- end }}
+{{- if $v.routes }}
+- name: cigw-routes
+  configMap:
+    name: {{ include "ci-gateway.routesConfigMapName" . }}
+    items:
+      - key: gateway.yaml
+        path: gateway.yaml
+{{- range $i, $r := $v.routes }}
+{{- with $r.subscriptionKeySecret }}
+- name: {{ printf "cigw-route-%d-keys" $i }}
+  secret:
+    secretName: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+      {{- with .secondaryKey }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- with $r.upstreamCaSecret }}
+- name: {{ printf "cigw-route-%d-ca" $i }}
+  secret:
+    secretName: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- with $r.upstreamCaConfigMap }}
+- name: {{ printf "cigw-route-%d-ca" $i }}
+  configMap:
+    name: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- with $v.fleet.redis.passwordSecret }}
 - name: cigw-redis-password
   secret:
@@ -502,7 +644,7 @@ azure.workload.identity/use: "true"
 
 {{/* Annotations for a pod carrying the gateway: config checksum (restart on change) and scrape. */}}
 {{- define "ci-gateway.podAnnotations" -}}
-checksum/ci-gateway-config: {{ include "ci-gateway.configData" . | sha256sum }}
+checksum/ci-gateway-config: {{ printf "%s%s" (include "ci-gateway.configData" .) (include "ci-gateway.routesConfig" .) | sha256sum }}
 {{- if .Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .Values.ports.admin | int | quote }}
