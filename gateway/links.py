@@ -125,7 +125,7 @@ class Links:
         if media == "application/json" or media.endswith("+json"):
             return ("json", "")
         if media == "multipart/mixed":
-            boundary = _boundary(content_type)
+            boundary = boundary_of(content_type)
             return ("batch", boundary) if boundary else None
         return None
 
@@ -195,7 +195,7 @@ class JsonLinks:
         return odd ^ self._odd if run_start == 0 else odd
 
 
-def _boundary(content_type: str) -> str | None:
+def boundary_of(content_type: str) -> str | None:
     found = _BOUNDARY.search(content_type)
     return (found.group(1) or found.group(2)) if found else None
 
@@ -214,7 +214,7 @@ def _multipart(links: Links, body: bytes, boundary: bytes) -> bytes:
         part_headers, content = piece[: head.end()], piece[head.end() :]
         part_type = _header(part_headers, b"content-type")
         if part_type.lower().startswith("multipart/mixed"):
-            inner = _boundary(part_type)  # boundaries are case-sensitive: the raw value
+            inner = boundary_of(part_type)  # boundaries are case-sensitive: the raw value
             if inner:
                 content = _multipart(links, content, inner.encode())
         elif part_type.lower().startswith("application/http"):

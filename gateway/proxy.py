@@ -22,6 +22,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.batch_requests import (
+    BATCH_REQUEST_LIMIT,
+    is_batch,
+    multipart_boundary,
+)
 from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
@@ -308,6 +313,29 @@ class Body:
         self._consumed = True
         return self._stream(self._request)
 
+    async def held(self, limit: int) -> Body:
+        """This body kept whole in memory when it ends within `limit` bytes; else one that
+        streams what was read so far and the rest (a body of None passes as it is)."""
+        request = self._request
+        if request is None or self._consumed:
+            return self
+        buffered = bytearray(self._prefix)
+        while len(buffered) <= limit:
+            chunk = await _read_chunk(request, self._read_timeout)
+            if not chunk:
+                return Body(bytes(buffered))
+            buffered += chunk
+        if len(buffered) > self._limit:
+            raise PayloadTooLarge(f"the request body exceeds {self._limit} bytes")
+        return Body(
+            None,
+            request=request,
+            prefix=bytes(buffered),
+            limit=self._limit,
+            read_timeout=self._read_timeout,
+            length=self.length,
+        )
+
     async def _stream(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         sent = len(self._prefix)
         if self._prefix:
@@ -363,6 +391,31 @@ async def read_body(request: web.BaseRequest, limit: int, read_timeout: float) -
     )
 
 
+async def batch_body(
+    request: web.BaseRequest, body: Body, route: RouteState, settings: Settings
+) -> Body:
+    """A $batch request's body with its parts' gateway URLs naming the upstream instead
+    (gateway/batch_requests.py); unchanged when the request is not a POST to `$batch`,
+    when nothing matches, when it is not an uncompressed multipart/mixed body, or when it
+    is larger than BATCH_REQUEST_LIMIT."""
+    rewriter = route.batch_requests
+    if rewriter is None or not is_batch(request.method, request.raw_path):
+        return body
+    headers = request.headers
+    boundary = multipart_boundary(headers.get("Content-Type"))
+    encoding = headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+    if boundary is None or encoding != "identity" or body.length == 0:
+        return body
+    if body.data is None:
+        # Streamed: held whole up to the bound, else passed on as it comes.
+        body = await body.held(min(BATCH_REQUEST_LIMIT, settings.max_body_bytes))
+        if body.data is None:
+            return body
+    data = body.data
+    rewritten = rewriter.rewrite(data, boundary, request.scheme, headers.get("Host"))
+    return Body(data if rewritten is None else rewritten)
+
+
 # --------------------------------------------------------------------------- the handler
 
 
@@ -390,12 +443,15 @@ class Proxy:
             route.privileged_drop_headers if ctx.privileged else route.drop_headers,
         )
         headers["X-Request-ID"] = ctx.request_id
-        if route.links is not None:
-            # Links are rewritten only in an uncompressed answer.
-            headers["Accept-Encoding"] = "identity"
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout)
-        route.budget.record_request()
         method = request.method
+        if route.links is not None:
+            # Links are rewritten only in an uncompressed answer; a $batch request's parts
+            # that name the gateway are rewritten to name the upstream.
+            headers["Accept-Encoding"] = "identity"
+            # The cheap check first: other methods pay nothing.
+            body = await batch_body(request, body, route, settings) if method == "POST" else body
+        route.budget.record_request()
         attempt = _Attempt(
             route=route,
             token=await route.tokens.token(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gateway.batch_requests import BatchRequestRewriter
 from gateway.config import Route
 from gateway.links import LinkRewriter
 from gateway.ratelimit import ExchangeSlots, Limiter, RetryBudget, UpstreamHold
@@ -35,11 +36,15 @@ class RouteState:
     privileged_drop_headers: frozenset[str] = frozenset()
     base_path: str = field(init=False)
     links: LinkRewriter | None = field(init=False)  # with rewrite_links
+    batch_requests: BatchRequestRewriter | None = field(init=False)  # with rewrite_links
 
     def __post_init__(self) -> None:
         self.base_path = self.route.upstream_url.raw_path.rstrip("/")
         route = self.route
         self.links = LinkRewriter(route.upstream_url, route.prefix) if route.rewrite_links else None
+        self.batch_requests = (
+            BatchRequestRewriter(route.upstream_url, route.prefix) if route.rewrite_links else None
+        )
 
     @property
     def name(self) -> str:

@@ -1065,7 +1065,9 @@ def _payload_bytes(part: MIMEPart) -> bytes:
 
 def _parse_http(raw: bytes) -> _RawCall:
     head, _, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
-    lines = head.decode("utf-8").split("\n")
+    # A part without a body may end right after its last header line: the CRLF before the
+    # next delimiter belongs to the delimiter (RFC 2046 §5.1.1), as the SDK writes a GET.
+    lines = head.decode("utf-8").rstrip("\n").split("\n")
     request_line = lines[0].split(" ")
     if len(request_line) != 3 or not request_line[2].startswith("HTTP/"):
         raise ValueError(f"not an HTTP request line: {lines[0]!r}")
