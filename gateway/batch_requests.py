@@ -85,25 +85,43 @@ class _Parts:
         self.changed = False
 
     def multipart(self, body: bytes, boundary: bytes) -> bytes:
-        delimiter = b"--" + boundary
-        pieces = body.split(delimiter)
-        for index in range(1, len(pieces)):
-            piece = pieces[index]
-            if piece.startswith(b"--"):
-                break  # the close delimiter: the rest is the epilogue
-            head = _HEAD_END.search(piece)
-            if head is None:
-                continue
-            part_headers, content = piece[: head.end()], piece[head.end() :]
-            part_type = _header(part_headers, b"content-type")
-            if part_type.lower().startswith("multipart/mixed"):
-                inner = boundary_of(part_type)  # boundaries are case-sensitive: the raw value
-                if inner:
-                    content = self.multipart(content, inner.encode("latin-1"))
-            elif part_type.lower().startswith("application/http"):
-                content = self.request(content)
-            pieces[index] = part_headers + content
-        return delimiter.join(pieces)
+        # A delimiter is "--boundary" at the start of a line, then optional "--" (the close
+        # delimiter) and whitespace to the line's end (RFC 2046 §5.1.1, as the email package
+        # reads it); the same bytes inside a line are content.
+        delimiter = re.compile(
+            rb"(?:\A|(?<=\n))--" + re.escape(boundary) + rb"(--)?(?=[ \t]*(?:\r?\n|\Z))"
+        )
+        out: list[bytes] = []
+        content_start: int | None = None
+        for found in delimiter.finditer(body):
+            if content_start is None:
+                out.append(body[: found.start()])  # the preamble
+            else:
+                out.append(self.part(body[content_start : found.start()]))
+            out.append(found.group(0))
+            content_start = found.end()
+            if found.group(1):
+                out.append(body[content_start:])  # the epilogue
+                return b"".join(out)
+        if content_start is None:
+            return body
+        out.append(self.part(body[content_start:]))  # no close delimiter
+        return b"".join(out)
+
+    def part(self, piece: bytes) -> bytes:
+        """One body part: the rest of its delimiter line, its headers, its content."""
+        head = _HEAD_END.search(piece)
+        if head is None:
+            return piece
+        part_headers, content = piece[: head.end()], piece[head.end() :]
+        part_type = _header(part_headers, b"content-type")
+        if part_type.lower().startswith("multipart/mixed"):
+            inner = boundary_of(part_type)  # boundaries are case-sensitive: the raw value
+            if inner:
+                content = self.multipart(content, inner.encode("latin-1"))
+        elif part_type.lower().startswith("application/http"):
+            content = self.request(content)
+        return part_headers + content
 
     def request(self, message: bytes) -> bytes:
         """An HTTP request in a part: its request line's URL, then its Host header."""

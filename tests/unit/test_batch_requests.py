@@ -202,10 +202,20 @@ _URLS = st.sampled_from(
         f"{UPSTREAM_BASE}/accounts",
     ]
 )
+# Part bodies, some holding a boundary and a request line that are content, not structure.
+_BODIES = st.text(st.characters(codec="ascii", exclude_characters="\r\n-"), max_size=40) | (
+    st.sampled_from(
+        [
+            f"x--b\r\nContent-Type: application/http\r\n\r\nGET {GATEWAY}/x HTTP/1.1\r\n",
+            f'{{"note": "--cs --b"}}\r\nGET {GATEWAY}/y HTTP/1.1',
+            "--bx\r\n",
+        ]
+    )
+)
 _PART = st.tuples(
     st.sampled_from(["GET", "POST", "PATCH", "DELETE"]),
     _URLS,
-    st.text(st.characters(codec="ascii", exclude_characters="\r\n-"), max_size=40),
+    _BODIES,
 )
 
 
