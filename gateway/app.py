@@ -11,19 +11,17 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, listener
 from gateway import logging as gateway_logging
-from gateway.callers import Allowlist, CallerAuthenticator
 from gateway.config import Route, Settings
-from gateway.fleet import Fleet
 from gateway.group_metrics import WorkerGroup, serve_own
 from gateway.handler import CallerChecks, proxy_handler
-from gateway.jwks import IssuerKeys
+from gateway.identities import Allowlist
 from gateway.keys import SubscriptionKeys
 from gateway.logging import get_logger
 from gateway.metrics import FleetMetrics, Metrics
@@ -35,6 +33,14 @@ from gateway.state import METRICS, READINESS, WORKER_GROUP, Readiness
 from gateway.tls import ReloadingTLS
 from gateway.tokens import Acquirer, MsalAcquirer, TokenManager
 from gateway.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    # Imported where they are built, only when configured: redis (fleet mode) and
+    # PyJWT with cryptography (caller authentication) add megabytes of resident memory
+    # to every sidecar that uses neither.
+    from gateway.callers import CallerAuthenticator
+    from gateway.fleet import Fleet
+    from gateway.jwks import IssuerKeys
 
 log = get_logger("app")
 
@@ -102,12 +108,7 @@ def create_app(
                 wait_timeout=settings.token_timeout,
                 clock=clock or time.time,
             )
-    # Fleet mode: budgets and holds shared through Redis with every other gateway.
-    fleet = (
-        Fleet(settings, FleetMetrics(metrics.registry), monotonic)
-        if settings.redis_url is not None
-        else None
-    )
+    fleet = _fleet(settings, metrics, monotonic)
     caller_header = settings.rate_limit_caller_header
     # The caller-identity header is for the gateway only, never for the upstream.
     drop = frozenset({caller_header.lower()}) if caller_header else frozenset()
@@ -194,6 +195,15 @@ def create_app(
     )
 
 
+def _fleet(settings: Settings, metrics: Metrics, monotonic: Callable[[], float]) -> Fleet | None:
+    """Fleet mode: budgets and holds shared through Redis with every other gateway."""
+    if settings.redis_url is None:
+        return None
+    from gateway.fleet import Fleet
+
+    return Fleet(settings, FleetMetrics(metrics.registry), monotonic)
+
+
 def _caller_checks(
     settings: Settings,
     metrics: Metrics,
@@ -217,6 +227,8 @@ def _caller_checks(
 def _issuer_keys(
     settings: Settings, metrics: Metrics, monotonic: Callable[[], float]
 ) -> IssuerKeys:
+    from gateway.jwks import IssuerKeys
+
     trust = settings.caller_trust
     assert settings.caller_issuer is not None  # noqa: S101 - config requires it with kubernetes
     return IssuerKeys(
@@ -234,6 +246,8 @@ def _issuer_keys(
 def _authenticator(
     settings: Settings, metrics: Metrics, keys: IssuerKeys, clock: Callable[[], float]
 ) -> CallerAuthenticator:
+    from gateway.callers import CallerAuthenticator
+
     assert settings.caller_issuer is not None  # noqa: S101 - config requires it with kubernetes
     return CallerAuthenticator(
         keys,

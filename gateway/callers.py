@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
@@ -23,6 +22,7 @@ from jwt import PyJWK, PyJWS
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
 from gateway.errors import CallerForbidden, CallerKeysUnavailable, CallerUnauthenticated
+from gateway.identities import NAME, Allowlist, Caller
 from gateway.logging import get_logger
 
 log = get_logger("callers")
@@ -33,7 +33,6 @@ log = get_logger("callers")
 ALGORITHMS = frozenset({"RS256", "ES256"})
 LEEWAY_SECONDS = 60  # clock skew allowed on exp, nbf and iat
 MAX_LIFETIME_SECONDS = 24 * 3600  # exp - iat; the kubelet asks for 10 min to 48 h
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a Kubernetes object name
 _JWS = PyJWS(options={"verify_signature": True})
 
 
@@ -43,53 +42,6 @@ class TokenRejectedError(ValueError):
 
 class UnknownKeyError(TokenRejectedError):
     """The token names a key id the current key set does not hold."""
-
-
-@dataclass(frozen=True, slots=True)
-class Allowlist:
-    """`namespace/serviceaccount` entries, and `namespace/*` for a whole namespace."""
-
-    exact: frozenset[str]
-    namespaces: frozenset[str]
-
-    @classmethod
-    def parse(cls, entries: Iterable[str]) -> Allowlist:
-        """From entries already split on commas; ValueError names a malformed one."""
-        exact: set[str] = set()
-        namespaces: set[str] = set()
-        for entry in entries:
-            namespace, slash, name = entry.partition("/")
-            if not slash or not _NAME.fullmatch(namespace):
-                raise ValueError(f"{entry!r} is not namespace/serviceaccount or namespace/*")
-            if name == "*":
-                namespaces.add(namespace)
-            elif _NAME.fullmatch(name):
-                exact.add(entry)
-            else:
-                raise ValueError(f"{entry!r} is not namespace/serviceaccount or namespace/*")
-        return cls(frozenset(exact), frozenset(namespaces))
-
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.namespaces)
-
-    def label(self, identity: str) -> str | None:
-        """The entry `identity` matches (itself or `namespace/*`), or None when not listed."""
-        if identity in self.exact:
-            return identity
-        namespace = identity.partition("/")[0]
-        return f"{namespace}/*" if namespace in self.namespaces else None
-
-    def labels(self) -> list[str]:
-        """Every value label() can return: the bounded set of metric labels."""
-        return sorted(self.exact) + sorted(f"{namespace}/*" for namespace in self.namespaces)
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """A verified caller: its identity, and the allowlist entry it matched (its label)."""
-
-    identity: str  # namespace/serviceaccount, from the token
-    label: str  # from the allowlist, so metric labels stay bounded
 
 
 # --------------------------------------------------------------------------- the checks
@@ -194,9 +146,9 @@ def _check_claims(
     namespace = kubernetes.get("namespace")
     account = kubernetes.get("serviceaccount")
     name = account.get("name") if isinstance(account, dict) else None
-    if not (isinstance(namespace, str) and _NAME.fullmatch(namespace)):
+    if not (isinstance(namespace, str) and NAME.fullmatch(namespace)):
         raise TokenRejectedError("no namespace in the kubernetes.io claim")
-    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
         raise TokenRejectedError("no service account in the kubernetes.io claim")
     # The API server writes both; a token whose two names disagree was not minted by it.
     if claims.get("sub") != f"system:serviceaccount:{namespace}:{name}":

@@ -19,11 +19,11 @@ from typing import Any, Generic, TypeVar
 
 from yarl import URL
 
-from gateway.callers import Allowlist
 from gateway.credentials import CertificateError, Secret, load_certificate
 from gateway.egress import Egress, NoProxy, ProxyServer, ProxyURLError, explicit_egress
 from gateway.egress import parse_proxy_url as _parse_proxy_url
 from gateway.errors import ConfigError
+from gateway.identities import Allowlist
 from gateway.tls import TLSFiles, TLSPairError, server_context
 
 __all__ = [

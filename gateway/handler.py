@@ -8,11 +8,11 @@ import time
 from asyncio import CancelledError
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import HttpVersion11, web
 
-from gateway.callers import Allowlist, CallerAuthenticator
 from gateway.errors import (
     BadRequest,
     ExpectationFailed,
@@ -21,6 +21,7 @@ from gateway.errors import (
     NoRoute,
     RequiredHeaderMissing,
 )
+from gateway.identities import Allowlist
 from gateway.logging import access_log, get_logger
 from gateway.metrics import NO_ROUTE, Metrics
 from gateway.privileged import PrivilegedHeaders
@@ -28,6 +29,9 @@ from gateway.proxy import Proxy, refuse
 from gateway.ratelimit import LocalLimiter
 from gateway.routing import Router, RouteState
 from gateway.state import CLOSE_CONNECTION, RequestContext
+
+if TYPE_CHECKING:
+    from gateway.callers import CallerAuthenticator  # PyJWT: loaded only with caller auth
 
 log = get_logger("proxy")
 # A caller's X-Request-ID is kept only if it is short and plain: it is logged and sent on.

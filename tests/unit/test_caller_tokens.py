@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 from gateway.callers import (
     LEEWAY_SECONDS,
     MAX_LIFETIME_SECONDS,
-    Allowlist,
     TokenRejectedError,
     UnknownKeyError,
     usable_keys,
     verify,
 )
+from gateway.identities import Allowlist
 from tests.servers.oidc import SigningKey, projected_claims, sign, unsigned
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
