@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from .tools import (
+    CHART,
     CI,
     FULLNAME,
     Helm,
@@ -119,6 +120,16 @@ def test_every_file_a_route_names_is_mounted_from_its_source(helm: Helm, mode: s
         assert f"/routes/{index}/" in routes[index][setting]
 
 
+def test_routes_refuse_only_changed_single_upstream_settings(helm: Helm) -> None:
+    """The template's idea of config.upstreamUrl/scope defaults is values.yaml's: leaving them
+    as they are is accepted beside routes, while a changed one fails (see below)."""
+    defaults = read_yaml(CHART / "values.yaml")["config"]
+    template = (CHART / "templates" / "_helpers.tpl").read_text(encoding="utf-8")
+    assert f'"upstreamUrl" "{defaults["upstreamUrl"]}" "scope" "{defaults["scope"]}"' in template
+    explicit = {"upstreamUrl": defaults["upstreamUrl"], "scope": defaults["scope"]}
+    assert helm.template(values={"routes": TWO_ROUTES, "config": explicit})
+
+
 def test_routes_replace_the_single_upstream_settings(helm: Helm) -> None:
     """With routes, neither the ConfigMap nor the container sets a single-upstream variable."""
     docs = helm.template(values_file=CI["gateway-routes"])
@@ -163,6 +174,19 @@ def test_routes_change_restarts_the_pods(helm: Helm) -> None:
             {"routes": TWO_ROUTES, "subscriptionKeys": {"enabled": True}},
             "subscriptionKeys.enabled=true configures the single upstream's keys",
             id="single-upstream-keys",
+        ),
+        pytest.param(
+            {"routes": TWO_ROUTES, "config": {"upstreamUrl": "https://contoso.crm.dynamics.com"}},
+            "config.upstreamUrl configures the single upstream",
+            id="single-upstream-url",
+        ),
+        pytest.param(
+            {
+                "routes": TWO_ROUTES,
+                "config": {"scope": "https://contoso.crm.dynamics.com/.default"},
+            },
+            "config.scope configures the single upstream",
+            id="single-upstream-scope",
         ),
         pytest.param(
             {"routes": TWO_ROUTES, "extraEnv": [{"name": "CIGW_SCOPE", "value": "x/.default"}]},

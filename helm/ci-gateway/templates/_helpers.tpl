@@ -291,6 +291,14 @@ sidecar template.
 {{- end -}}
 {{- end -}}
 {{- if $v.routes -}}
+{{- /* values.yaml's defaults (a test keeps them equal): anything else was set on purpose. */ -}}
+{{- $defaults := dict "upstreamUrl" "https://api.ci.ai.dynamics.com/v1" "scope" "https://api.ci.ai.microsoft.com/.default" -}}
+{{- range $key, $default := $defaults -}}
+{{- $set := index $v.config $key -}}
+{{- if and $set (ne $set $default) -}}
+{{- fail (printf "config.%s configures the single upstream, which the gateway refuses together with routes: give each route its own routes[i].%s (and leave config.%s at its default)" $key $key $key) -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.subscriptionKeys.enabled -}}
 {{- fail "subscriptionKeys.enabled=true configures the single upstream's keys, which the gateway refuses together with routes: give each route its own routes[i].subscriptionKeySecret" -}}
 {{- end -}}
