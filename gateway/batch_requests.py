@@ -23,7 +23,7 @@ from typing import Final
 
 from yarl import URL
 
-from gateway.links import boundary_of, valid_host
+from gateway.links import boundary_of, part_header, valid_host
 
 # A $batch request larger than this passes unchanged (the answer side's bound).
 BATCH_REQUEST_LIMIT: Final = 16 * 1024 * 1024
@@ -114,7 +114,7 @@ class _Parts:
         if head is None:
             return piece
         part_headers, content = piece[: head.end()], piece[head.end() :]
-        part_type = _header(part_headers, b"content-type")
+        part_type = part_header(part_headers, b"content-type")
         if part_type.lower().startswith("multipart/mixed"):
             inner = boundary_of(part_type)  # boundaries are case-sensitive: the raw value
             if inner:
@@ -156,11 +156,3 @@ class _Parts:
                 end = b"\r" if line.endswith(b"\r") else b""
                 lines[number] = name + b": " + self.authority + end
         return b"\n".join(lines)
-
-
-def _header(head: bytes, name: bytes) -> str:
-    for line in head.split(b"\n"):
-        key, colon, value = line.partition(b":")
-        if colon and key.strip().lower() == name:
-            return value.strip().decode("latin-1")
-    return ""

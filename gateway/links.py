@@ -212,7 +212,7 @@ def _multipart(links: Links, body: bytes, boundary: bytes) -> bytes:
         if head is None:
             continue
         part_headers, content = piece[: head.end()], piece[head.end() :]
-        part_type = _header(part_headers, b"content-type")
+        part_type = part_header(part_headers, b"content-type")
         if part_type.lower().startswith("multipart/mixed"):
             inner = boundary_of(part_type)  # boundaries are case-sensitive: the raw value
             if inner:
@@ -266,7 +266,8 @@ def _fix_length(lines: list[bytes], delta: int) -> list[bytes]:
     return fixed
 
 
-def _header(head: bytes, name: bytes) -> str:
+def part_header(head: bytes, name: bytes) -> str:
+    """A multipart part's header value by lower-case name (latin-1), or "" when absent."""
     for line in head.split(b"\n"):
         key, colon, value = line.partition(b":")
         if colon and key.strip().lower() == name:
