@@ -55,11 +55,23 @@ FAILURES_TO_FALLBACK = 3  # failed calls in a row before a gateway that had Redi
 JITTER = 2.0  # after a hold, each gateway resumes at a random moment within this
 POOL_SIZE = 8  # leases, holds and heartbeats in flight at once, plus the pub/sub link
 
+# Both the lease and the heartbeat reply end with the ms left of each shared hold, whose
+# keys follow the first key: one piece of Lua, appended to each script.
+_HOLDS_LEFT = """
+for i = 2, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left < 0 then left = 0 end
+  reply[#reply + 1] = left
+end
+return reply
+"""
+
 # KEYS: budget hash, then every shared hold's key. ARGV: rate/s, burst, tokens wanted,
 # tokens charged (credit spent, minus unspent leases given back), key lifetime in ms.
 # Returns {granted, microseconds until the rest of `wanted` would be there, then the ms
 # left of each hold}.
-_LEASE = """
+_LEASE = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -81,13 +93,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local wait = 0
 if granted < want then wait = math.ceil((want - granted - tokens) * 1000000 / rate) end
 local reply = {granted, wait}
-for i = 2, #KEYS do
-  local left = redis.call('PTTL', KEYS[i])
-  if left < 0 then left = 0 end
-  reply[#reply + 1] = left
-end
-return reply
 """
+    + _HOLDS_LEFT
+)
 
 # KEYS: hold key, announcement channel. ARGV: hold ms, announcement. Extend only.
 # The announcement is "<ms> <member> <hold name>".
@@ -102,7 +110,8 @@ return 1
 
 # KEYS: members sorted set (score: expiry in ms), then every shared hold's key.
 # ARGV: member, TTL ms. Returns {members alive, then the ms left of each hold}.
-_HEARTBEAT = """
+_HEARTBEAT = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
@@ -110,13 +119,9 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 local reply = {redis.call('ZCARD', KEYS[1])}
-for i = 2, #KEYS do
-  local left = redis.call('PTTL', KEYS[i])
-  if left < 0 then left = 0 end
-  reply[#reply + 1] = left
-end
-return reply
 """
+    + _HOLDS_LEFT
+)
 
 
 class RedisRefused(ConfigError):
