@@ -15,10 +15,10 @@ import trustme
 from yarl import URL
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
-from gateway.upstream import ClosedBeforeAnswer, Response, UpstreamClient
+from gateway.upstream import ClosedBeforeAnswer, UpstreamClient
 from tests.clock import FakeClock, settle
 from tests.poll import eventually
-from tests.servers.raw import Peer, RawServer, Script, answering, answering_once
+from tests.servers.raw import Peer, RawServer, Script, answering, answering_once, read_all
 from tests.servers.upstream import pattern, pattern_sha256
 
 MIB = 1024 * 1024
@@ -111,14 +111,6 @@ async def stream(*pieces: bytes) -> AsyncIterator[bytes]:
     """A streamed request body made of `pieces`, each a separate write."""
     for piece in pieces:
         yield piece
-
-
-async def read_all(response: Response) -> bytes:
-    """The whole body, piece by piece through readany."""
-    pieces = []
-    while piece := await response.readany():
-        pieces.append(piece)
-    return b"".join(pieces)
 
 
 async def get(client: UpstreamClient, target: str = "/v1/x") -> bytes:

@@ -21,7 +21,7 @@ from gateway.errors import MalformedRequest, UpstreamTimeout, UpstreamUnreachabl
 from gateway.upstream import Response, UpstreamClient
 from tests.clock import FakeClock
 from tests.poll import eventually
-from tests.servers.raw import BioTls, Peer, RawServer, Script, answering, reset
+from tests.servers.raw import BioTls, Peer, RawServer, Script, answering, read_all, reset
 
 KIB = 1024
 READ_TIMEOUT = 0.5
@@ -78,14 +78,6 @@ def client_for(clients: list[UpstreamClient], origin: URL, **options: object) ->
     client = UpstreamClient(origin, **settings)  # type: ignore[arg-type]
     clients.append(client)
     return client
-
-
-async def read_all(response: Response) -> bytes:
-    """The whole body through readany."""
-    pieces = []
-    while piece := await response.readany():
-        pieces.append(piece)
-    return b"".join(pieces)
 
 
 async def get(client: UpstreamClient, target: str = "/v1/x") -> Response:

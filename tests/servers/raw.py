@@ -13,8 +13,12 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from yarl import URL
+
+if TYPE_CHECKING:
+    from gateway.upstream import Response
 
 
 @dataclass
@@ -278,3 +282,11 @@ class BioTls:
             reset(self.writer)
         else:
             self.writer.close()
+
+
+async def read_all(response: Response) -> bytes:
+    """The whole body of an upstream client's answer, piece by piece through readany."""
+    pieces = []
+    while piece := await response.readany():
+        pieces.append(piece)
+    return b"".join(pieces)
